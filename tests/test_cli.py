@@ -1,0 +1,91 @@
+"""The dmoe-edu command and the reproduce job, at smoke scale."""
+
+import json
+
+import pytest
+
+from dmoe_edu.cli import main
+from dmoe_edu.data import write_idx
+from dmoe_edu.paper import TABLE1
+
+
+def test_reproduce_smoke_writes_results_and_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["reproduce", "--preset", "smoke", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+
+    assert code == 0
+    # The table prints our numbers beside the paper's.
+    assert "Table 1" in printed and "4x100-4x100 (gates 50-50)" in printed
+    for kind in ("single", "dmoe", "concat", "dnn"):
+        assert f"{TABLE1[1].test_error[kind]:.2f}" in printed
+    assert "layer1" in printed and "layer2" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["single", "dmoe", "concat", "dnn"]
+    assert {e["model"] for e in results["table"]} == {"single", "dmoe", "concat", "dnn"}
+    dmoe = next(e for e in results["table"] if e["model"] == "dmoe")
+    assert dmoe["parameters"] == 630_518 and dmoe["paper_test_error"] == 1.42
+    scores = results["analysis"]["1"]["scores"]
+    assert set(scores) == {"layer1", "layer2"}
+    for layer in scores.values():
+        for factor in ("translation", "class"):
+            assert 0.0 <= layer[factor]["argmax"] <= 1.0
+    assert len(results["analysis"]["1"]["by_translation"]["layer1"]) == 4  # E maps
+    assert len(results["runs"][0]["history"]) == 3
+
+    report = (out / "report.html").read_text()
+    assert "Fig. 3" in report and "Fig. 2" in report and "joint assignment" in report
+    assert "<script src=" not in report  # plotly.js is inline, no CDN
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 4
+
+
+def test_reproduce_on_an_idx_directory_with_chosen_rows_and_models(tmp_path, capsys):
+    import numpy as np
+
+    # A tiny MNIST in IDX form, as a user's --data-dir would hold.
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "mnist"
+    data_dir.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        write_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(data_dir / f"{prefix}-labels-idx1-ubyte",
+                  (np.arange(n) % 10).astype(np.uint8))
+
+    code = main(["reproduce", "--preset", "paper", "--data-dir", str(data_dir),
+                 "--rows", "4,5", "--models", "dmoe,dnn", "--epochs", "2",
+                 "--constrained-epochs", "1", "--seeds", "0,1",
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # The one-layer row has no DNN in the paper, so none is trained.
+    assert sorted((r["row"], r["model"], r["seed"]) for r in results["runs"]) == [
+        (4, "dmoe", 0), (4, "dmoe", 1), (4, "dnn", 0), (4, "dnn", 1), (5, "dmoe", 0),
+        (5, "dmoe", 1)]
+    assert results["data"] == {"source": str(data_dir), "train": 200, "test": 100}
+    assert all(e["seeds"] == 2 for e in results["table"])
+    assert results["train_config"]["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["reproduce", "--preset", "paper"], "--data-dir"),
+        (["reproduce", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+        (["reproduce", "--preset", "smoke", "--rows", "9"], "Table 1 rows"),
+        (["reproduce", "--preset", "smoke", "--models", "moe"], "models must be"),
+        (["reproduce", "--preset", "smoke", "--margin", "-3"], "margin must be >= 0"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, words, tmp_path, capsys):
+    code = main([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_info_names_the_backend(capsys):
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert "ops backend: reference" in printed and "torch" in printed
