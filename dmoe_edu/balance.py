@@ -73,7 +73,9 @@ class MarginConstraint(nn.Module):
     def __init__(self, num_experts: int, margin: float = 100.0) -> None:
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+            raise ValueError(
+                f"num_experts must be an integer >= 1, got {num_experts!r}"
+            )
         self.num_experts = num_experts
         self.margin = check_margin(margin)
         self.enabled = False

