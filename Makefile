@@ -32,8 +32,10 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
+# Root (as in containers) must say so explicitly to Jupyter.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=$(if $(wildcard notebooks),notebooks,.)
+	$(BIN)/jupyter lab --notebook-dir=$(if $(wildcard notebooks),notebooks,.) \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
