@@ -13,17 +13,24 @@ ARGS ?=
 help:
 	@echo "make reproduce   train the DMoE and baselines, print Table 1, write results/"
 	@echo "make test        run the whole test suite"
-	@echo "make lab         start JupyterLab on notebooks/"
+	@echo "make lab         start JupyterLab (on notebooks/ once it exists)"
 	@echo "make install     only create .venv and install (done by the others)"
 	@echo "Pass options to reproduce with ARGS, e.g. make reproduce ARGS='--seeds 0,1'"
 
 install: $(STAMP)
 
+# constraints.txt pins versions that need Python 3.11 or newer. TORCH_INDEX, if
+# set, is an extra index for torch, e.g. PyTorch's CPU-only wheel index.
+TORCH_INDEX ?=
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "make: $(PYTHON) is Python $$($(PYTHON) -V 2>&1 | cut -d' ' -f2);" \
+		"constraints.txt needs 3.11 or newer: make PYTHON=python3.11 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
-		-e ".[dev,lab]"
+	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
+	$(PIP) -e ".[dev,lab]"
 	touch $(STAMP)
 
 reproduce: $(STAMP)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .gating import check_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,10 +74,7 @@ class MarginConstraint(nn.Module):
 
     def __init__(self, num_experts: int, margin: float = 100.0) -> None:
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(
-                f"num_experts must be an integer >= 1, got {num_experts!r}"
-            )
+        num_experts = check_int("num_experts", num_experts)
         self.num_experts = num_experts
         self.margin = check_margin(margin)
         self.enabled = False
@@ -102,6 +101,12 @@ class MarginConstraint(nn.Module):
 
         Returns:
             The mask to pass to :func:`dmoe_edu.ops.softmax_gate`.
+
+        Raises:
+            ValueError: if ``gate_logits`` has the wrong width, or holds a NaN
+                or an infinity. The totals are then left unchanged: one bad
+                batch would otherwise make them NaN for good, and every later
+                example would be routed to expert 0.
         """
         B, E = gate_logits.shape
         if E != self.num_experts:
@@ -109,6 +114,16 @@ class MarginConstraint(nn.Module):
                 f"gate_logits must have E = {self.num_experts} columns, got {E}"
             )
         logits = gate_logits.detach().to("cpu", torch.float64).numpy()
+
+        # Refuse NaN and inf before they reach the totals (they never recover).
+        bad_rows = int((~np.isfinite(logits)).any(axis=1).sum())
+        if bad_rows:
+            raise ValueError(
+                f"gate_logits must be finite, got NaN or inf in {bad_rows} of "
+                f"{B} rows; the balancing totals were left unchanged. Check the "
+                "inputs for NaN/inf, or lower the learning rate if training "
+                "diverged"
+            )
 
         # Unmasked probabilities once for the batch; a masked row renormalises them.
         raw = np.exp(logits - logits.max(axis=1, keepdims=True))

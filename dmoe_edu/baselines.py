@@ -23,13 +23,13 @@ KINDS = ("single", "dmoe", "concat", "dnn")
 
 def single_expert(layers: Sequence[LayerSpec], **kwargs) -> DeepMoE:
     """The DMoE with its last layer replaced by one expert of the same width ``H``."""
-    *first, last = layers
+    first, last = _split_last(layers)
     return DeepMoE(layers=[*first, LayerSpec(1, last.width)], **_defaults(kwargs))
 
 
 def concat_last(layers: Sequence[LayerSpec], **kwargs) -> DeepMoE:
     """The DMoE with its last layer's experts concatenated instead of mixed."""
-    *first, last = layers
+    first, last = _split_last(layers)
     concat = LayerSpec(last.num_experts, last.width, None, kind="concat")
     return DeepMoE(layers=[*first, concat], **_defaults(kwargs))
 
@@ -101,6 +101,15 @@ def build_baseline(kind: str, layers: Sequence[LayerSpec], **kwargs):
     if kind == "dnn":
         return matched_dnn(DeepMoE(layers=list(layers), **_defaults(kwargs)))
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _split_last(layers: Sequence[LayerSpec | dict]
+                ) -> tuple[list[LayerSpec], LayerSpec]:
+    """All layers but the last, and the last, as :class:`LayerSpec` objects."""
+    specs = [s if isinstance(s, LayerSpec) else LayerSpec(**s) for s in layers]
+    if not specs:
+        raise ValueError("layers must hold at least one LayerSpec, got none")
+    return specs[:-1], specs[-1]
 
 
 def _defaults(kwargs: dict) -> dict:

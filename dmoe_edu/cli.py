@@ -15,18 +15,41 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from . import __version__
+
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers such as 1,5, got {text!r}"
         ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer, got none")
+    return values
 
 
 def _name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one name, got none")
+    return names
+
+
+def _count(low: int):
+    """An argparse type: an integer in [low, 1_000_000]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer, got {text!r}") from None
+        if not low <= value <= 1_000_000:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from {low} to 1000000, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild and study Eigen, Ranzato and Sutskever's Deep Mixture "
         "of Experts (2013).",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"dmoe-edu {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    defaults = PRESETS["bundled"].train
     rep = commands.add_parser(
         "reproduce",
         help="train the DMoE and its baselines and compare them with Table 1",
         description="Train the DMoE and the paper's baselines on jittered MNIST, "
         "print the errors beside the paper's Table 1 and the where/what scores, "
-        "and write results.json and report.html.",
+        "and write results.json, report.html and checkpoints.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(
             f"  {name:<8} {p.description}" for name, p in PRESETS.items()),
@@ -59,17 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="columns among single,dmoe,concat,dnn (default: all)")
     rep.add_argument("--seeds", type=_int_list, default=[0],
                      help="seeds, e.g. 0,1,2 (default: 0)")
-    rep.add_argument("--epochs", type=int, help="total epochs of every run")
-    rep.add_argument("--constrained-epochs", type=int,
-                     help="epochs with the balancing constraint on")
+    rep.add_argument("--epochs", type=_count(1),
+                     help=f"total epochs of every run (default: {defaults.epochs})")
+    rep.add_argument("--constrained-epochs", type=_count(0),
+                     help="epochs with the balancing constraint on (default: "
+                     f"{defaults.constrained_epochs})")
     rep.add_argument("--margin", type=float,
-                     help="the constraint's margin m, in examples of gate mass")
-    rep.add_argument("--threads", type=int, default=1,
+                     help="the constraint's margin m, in examples of gate mass "
+                     f"(default: {defaults.margin:g})")
+    rep.add_argument("--threads", type=_count(1), default=1,
                      help="torch threads (default: 1; numbers depend on it)")
     rep.add_argument("--out", default=None,
                      help="output directory (default: results/PRESET)")
+    rep.add_argument("--resume", action="store_true",
+                     help="continue an interrupted job from the checkpoints in --out")
     rep.add_argument("--no-progress", action="store_true",
-                     help="hide the progress bars")
+                     help="hide the progress bar")
 
     down = commands.add_parser("download", help="download full MNIST (IDX, .gz) "
                                "with checksum checks")
@@ -89,54 +120,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "download":
             return _download(args)
         return _info()
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"dmoe-edu: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _reproduce(args) -> int:
-    from .reproduce import PRESETS, format_scores, format_table, reproduce
+    from .reproduce import format_scores, format_table, plan, run_plan
 
+    # Check everything before printing or training anything.
     overrides = {"threads": args.threads}
     for field, value in (("epochs", args.epochs),
                          ("constrained_epochs", args.constrained_epochs),
                          ("margin", args.margin)):
         if value is not None:
             overrides[field] = value
-    preset = PRESETS[args.preset]
+    job = plan(args.preset, data_dir=args.data_dir, rows=args.rows,
+               models=args.models, seeds=args.seeds, overrides=overrides)
     out = args.out or f"results/{args.preset}"
-    print(f"dmoe-edu reproduce --preset {args.preset}: {preset.description}")
+    print(f"dmoe-edu reproduce --preset {args.preset}: {job.description}")
+    for row, kind in job.skipped:
+        print(f"  (row {row} has no {kind} column in the paper: skipped)")
 
-    # One bar over every epoch of every run; a line per finished run.
-    rows = args.rows or preset.rows
-    models = args.models or preset.models
-    epochs = overrides.get("epochs", preset.train.epochs)
-    runs = sum(1 for r in rows for m in models
-               if not (m == "dnn" and r == 5)) * len(args.seeds)
-    bar = tqdm(total=runs * epochs, desc="training", unit="epoch",
-               disable=args.no_progress)
+    # One bar over every epoch of every run, drawn once training starts.
+    bar = None
 
     def on_epoch(record):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=len(job.runs) * job.config.epochs, desc="training",
+                       unit="epoch", disable=args.no_progress)
         bar.update(1)
         if record["test_error"] is not None:
             bar.set_postfix(test=f"{record['test_error']:.2f}%")
 
     def on_run(run):
-        bar.write(f"  row {run['row']} {run['model']:<6} seed {run['seed']}: "
-                  f"test {run['test_error']:.2f}%  train {run['train_error']:.2f}%  "
-                  f"({run['seconds']:.0f} s)")
+        line = (f"  row {run['row']} {run['model']:<6} seed {run['seed']}: "
+                f"test {run['test_error']:.2f}%  train {run['train_error']:.2f}%  "
+                f"({run['seconds']:.0f} s)")
+        (bar.write if bar is not None else print)(line)
 
-    results = reproduce(
-        args.preset, data_dir=args.data_dir, rows=args.rows, models=args.models,
-        seeds=args.seeds, out_dir=out, overrides=overrides, on_run=on_run,
-        on_epoch=on_epoch,
-    )
-    bar.close()
+    try:
+        results = run_plan(job, out, resume=args.resume, on_run=on_run,
+                           on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {out}/runs.json and every run's "
+              f"last epoch in {out}/checkpoints/; add --resume to continue",
+              file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
 
     print()
     print("Table 1, jittered MNIST, error % (ours beside the paper's):")
     print(format_table(results["table"]))
-    if results["data"]["train"] < 60_000:
+    source = results["data"]["source"]
+    if results["data"]["train"] < 60_000 and "synthetic" not in source:
         print(f"Note: these models saw {results['data']['train']:,} training digits; "
               "the paper's saw 60,000, so expect higher errors here.\n"
               "Use --preset paper --data-dir DIR for the full-scale comparison.")
@@ -154,6 +194,8 @@ def _reproduce(args) -> int:
 def _download(args) -> int:
     from .data import download_mnist
 
+    if not args.dest.strip():
+        raise ValueError("download needs a destination directory, got ''")
     path = download_mnist(args.dest)
     print(f"MNIST is in {path} (checksums verified).")
     return 0
@@ -164,7 +206,7 @@ def _info() -> int:
     import plotly
     import torch
 
-    from . import __version__, ops
+    from . import ops
 
     print(f"dmoe_edu {__version__}")
     print(f"python   {platform.python_version()} ({platform.machine()})")

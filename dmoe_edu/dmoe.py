@@ -55,9 +55,12 @@ class LayerSpec:
     kind: str = "mix"
 
     def __post_init__(self) -> None:
-        _check_positive(num_experts=self.num_experts, width=self.width)
+        # Store plain ints (np.int64 is accepted), so configs stay JSON-friendly.
+        sizes = {"num_experts": self.num_experts, "width": self.width}
         if self.gate_hidden is not None:
-            _check_positive(gate_hidden=self.gate_hidden)
+            sizes["gate_hidden"] = self.gate_hidden
+        for name, value in zip(sizes, _check_positive(**sizes)):
+            object.__setattr__(self, name, value)
         if self.kind not in ("mix", "concat"):
             raise ValueError(f"kind must be 'mix' or 'concat', got {self.kind!r}")
 
@@ -96,7 +99,9 @@ class DeepMoE(nn.Module):
         margin: float = 100.0,
     ) -> None:
         super().__init__()
-        _check_positive(input_dim=input_dim, num_classes=num_classes)
+        input_dim, num_classes = _check_positive(
+            input_dim=input_dim, num_classes=num_classes
+        )
         specs = [s if isinstance(s, LayerSpec) else LayerSpec(**s) for s in layers]
         if not specs:
             raise ValueError("layers must hold at least one LayerSpec, got none")
@@ -187,11 +192,11 @@ class DNN(nn.Module):
 
     def __init__(self, input_dim: int, hidden: Sequence[int], num_classes: int = 10):
         super().__init__()
-        _check_positive(input_dim=input_dim, num_classes=num_classes)
-        for width in hidden:
-            _check_positive(hidden_width=width)
+        input_dim, num_classes = _check_positive(
+            input_dim=input_dim, num_classes=num_classes
+        )
         self.input_dim = input_dim
-        self.hidden = tuple(int(h) for h in hidden)
+        self.hidden = tuple(_check_positive(hidden_width=width)[0] for width in hidden)
         self.num_classes = num_classes
         widths = [input_dim, *self.hidden]
         self.layers = nn.ModuleList(

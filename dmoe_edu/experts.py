@@ -40,7 +40,9 @@ class ExpertLayer(nn.Module):
 
     def __init__(self, in_dim: int, width: int, num_experts: int) -> None:
         super().__init__()
-        _check_positive(in_dim=in_dim, width=width, num_experts=num_experts)
+        in_dim, width, num_experts = _check_positive(
+            in_dim=in_dim, width=width, num_experts=num_experts
+        )
         self.in_dim = in_dim
         self.width = width
         self.num_experts = num_experts

@@ -7,6 +7,8 @@ A gate maps an input ``x`` of width ``D`` to one score per expert, the
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -32,7 +34,7 @@ class LinearGate(nn.Module):
 
     def __init__(self, in_dim: int, num_experts: int) -> None:
         super().__init__()
-        _check_positive(in_dim=in_dim, num_experts=num_experts)
+        in_dim, num_experts = _check_positive(in_dim=in_dim, num_experts=num_experts)
         self.in_dim = in_dim
         self.num_experts = num_experts
         self.proj = nn.Linear(in_dim, num_experts)
@@ -65,7 +67,9 @@ class ReLUGate(nn.Module):
 
     def __init__(self, in_dim: int, num_experts: int, hidden: int = 50) -> None:
         super().__init__()
-        _check_positive(in_dim=in_dim, num_experts=num_experts, hidden=hidden)
+        in_dim, num_experts, hidden = _check_positive(
+            in_dim=in_dim, num_experts=num_experts, hidden=hidden
+        )
         self.in_dim = in_dim
         self.num_experts = num_experts
         self.hidden = hidden
@@ -83,7 +87,19 @@ def make_gate(in_dim: int, num_experts: int, hidden: int | None) -> nn.Module:
     return ReLUGate(in_dim, num_experts, hidden)
 
 
-def _check_positive(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` as a plain ``int``, or raise ``ValueError`` naming ``name``.
+
+    Any integer type is accepted (``int``, ``np.int64``, anything registered as
+    :class:`numbers.Integral`); bools, floats and strings are refused, even
+    ``2.0``, so a size never silently comes from a float.
+    """
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(**sizes: object) -> tuple[int, ...]:
+    """Check every keyword is an integer ``>= 1``; return them as plain ints."""
+    return tuple(check_int(name, value) for name, value in sizes.items())

@@ -56,14 +56,15 @@ class MixtureLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.experts = ExpertLayer(in_dim, width, num_experts)
-        self.in_dim = in_dim
-        self.width = width
-        self.num_experts = num_experts
+        # Plain ints from the expert layer's checks (NumPy integers are accepted).
+        self.in_dim = self.experts.in_dim
+        self.width = self.experts.width
+        self.num_experts = self.experts.num_experts
         self.gate_hidden = gate_hidden
-        self.out_dim = width
-        if num_experts > 1:
-            self.gate = make_gate(in_dim, num_experts, gate_hidden)
-            self.balance = MarginConstraint(num_experts, margin)
+        self.out_dim = self.width
+        if self.num_experts > 1:
+            self.gate = make_gate(self.in_dim, self.num_experts, gate_hidden)
+            self.balance = MarginConstraint(self.num_experts, margin)
         else:
             self.gate = None
             self.balance = None
@@ -106,10 +107,10 @@ class ConcatLayer(nn.Module):
     def __init__(self, in_dim: int, width: int, num_experts: int) -> None:
         super().__init__()
         self.experts = ExpertLayer(in_dim, width, num_experts)
-        self.in_dim = in_dim
-        self.width = width
-        self.num_experts = num_experts
-        self.out_dim = width * num_experts
+        self.in_dim = self.experts.in_dim
+        self.width = self.experts.width
+        self.num_experts = self.experts.num_experts
+        self.out_dim = self.width * self.num_experts
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
         expert_out = self.experts(x)  # (B, E, H)

@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from ._atomic import atomic_write
 from .baselines import KINDS, build_baseline
 from .data import JitteredMNIST, load_digits
 from .paper import TABLE1
-from .train import TrainConfig, evaluate, save_checkpoint, train
+from .train import TrainConfig, evaluate, train
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,107 @@ PRESETS: dict[str, Preset] = {
     ),
     "smoke": Preset(
         "smoke", "synthetic", (1,), KINDS,
-        TrainConfig(epochs=3, constrained_epochs=1, margin=10.0),
-        "a few seconds on synthetic digits: checks the pipeline, not the paper",
+        TrainConfig(epochs=15, constrained_epochs=2, margin=10.0, batch_size=20,
+                    lr=0.05),
+        "about 10 seconds on 600 synthetic shapes (not MNIST): checks that the "
+        "pipeline runs and the models learn, not the paper",
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked list of training runs, made by :func:`plan`.
+
+    Attributes:
+        preset: the preset's name.
+        description: what the runs train on, for the report.
+        source: ``"bundled"``, ``"synthetic"`` or a directory of IDX files.
+        runs: ``(row, model, seed)`` for every run, in training order.
+        skipped: ``(row, model)`` pairs the paper has no column for.
+        seeds: the seeds, in order.
+        config: the :class:`~dmoe_edu.train.TrainConfig` of every run (its
+            ``seed`` is replaced by each run's seed).
+    """
+
+    preset: str
+    description: str
+    source: str
+    runs: tuple[tuple[int, str, int], ...]
+    skipped: tuple[tuple[int, str], ...]
+    seeds: tuple[int, ...]
+    config: TrainConfig
+
+
+def plan(
+    preset: str = "bundled",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    rows: Sequence[int] | None = None,
+    models: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    overrides: dict[str, Any] | None = None,
+) -> Plan:
+    """Check the arguments of :func:`reproduce` and list its runs, training nothing.
+
+    Duplicated rows, models or seeds count once. The DNN is skipped for the
+    one-layer row, which has no DNN column in the paper.
+
+    Raises:
+        ValueError: an unknown preset, row or model; a negative seed; an
+            invalid training setting; ``"paper"`` without ``data_dir``; or
+            nothing left to train.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    spec = PRESETS[preset]
+    rows = _unique(spec.rows if rows is None else rows)
+    models = _unique(spec.models if models is None else models)
+    seeds = _unique(seeds)
+    for row in rows:
+        if row not in TABLE1:
+            raise ValueError(f"rows must be Table 1 rows {sorted(TABLE1)}, got {row}")
+    for kind in models:
+        if kind not in KINDS:
+            raise ValueError(f"models must be among {KINDS}, got {kind!r}")
+    if not rows or not models or not seeds:
+        raise ValueError("rows, models and seeds must each name at least one item")
+    for seed in seeds:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
+    if spec.source == "dir" and data_dir is None:
+        raise ValueError(
+            f"preset {preset!r} trains on full MNIST: pass --data-dir DIR with the "
+            "four IDX files (get them with `dmoe-edu download DIR`)"
+        )
+    # Fewer epochs than the preset's constrained phase shorten that phase too.
+    overrides = dict(overrides or {})
+    if "epochs" in overrides and "constrained_epochs" not in overrides:
+        overrides["constrained_epochs"] = min(spec.train.constrained_epochs,
+                                              overrides["epochs"])
+    config = dataclasses.replace(spec.train, **overrides)
+
+    # The paper has no DNN for the one-layer row.
+    pairs = [(row, kind) for row in rows for kind in models]
+    skipped = tuple(
+        (r, k) for r, k in pairs if k == "dnn" and len(TABLE1[r].layers) < 2
+    )
+    runs = tuple((r, k, s) for s in seeds for r, k in pairs if (r, k) not in skipped)
+    if not runs:
+        raise ValueError(
+            "nothing to train: the paper has no DNN for the one-layer row "
+            f"{sorted({r for r, _ in skipped})}; choose other --rows or --models"
+        )
+    description = spec.description
+    if data_dir is not None and spec.source != "dir":
+        description = (f"the {preset} preset's training settings, on the digits "
+                       f"in {data_dir}")
+    source = str(data_dir) if data_dir is not None else spec.source
+    return Plan(preset, description, source, runs, skipped, seeds, config)
+
+
+def _unique(items: Sequence) -> tuple:
+    return tuple(dict.fromkeys(items))
 
 
 def reproduce(
@@ -88,6 +186,7 @@ def reproduce(
     seeds: Sequence[int] = (0,),
     out_dir: str | os.PathLike = "results",
     overrides: dict[str, Any] | None = None,
+    resume: bool = False,
     progress: bool = False,
     report: bool = True,
     on_run: Callable[[dict[str, Any]], None] | None = None,
@@ -103,86 +202,104 @@ def reproduce(
         models: columns to run (default: the preset's). The DNN is skipped for
             the one-layer row, as in the paper.
         seeds: seeds; each seeds the data's jitter, the initialisation and the
-            example order. Default: ``(0,)``.
-        out_dir: where ``results.json`` and ``report.html`` go. Default:
-            ``"results"``.
+            example order, and for the bundled subset also its train/test
+            split. Default: ``(0,)``.
+        out_dir: where ``results.json``, ``report.html``, ``runs.json`` and
+            ``checkpoints/`` go. Default: ``"results"``.
         overrides: fields of :class:`~dmoe_edu.train.TrainConfig` to change.
-        progress: show progress bars. Default: False.
+        resume: continue from the checkpoints in ``out_dir/checkpoints`` (each
+            run's last finished epoch; finished runs are only re-evaluated).
+            Their training settings must equal this call's.
+        progress: show each run's progress bar. Default: False.
         report: write ``report.html``. Default: True.
         on_run: called with each finished run's summary.
         on_epoch: called with each epoch's history entry of every run.
 
-    Every finished run's model is saved to ``out_dir/checkpoints/`` and the
-    runs so far to ``out_dir/runs.json``, so an interrupted job loses at most
-    the run in progress.
+    Every run writes its checkpoint after every epoch, and the finished runs
+    go to ``out_dir/runs.json``, so an interrupted job loses at most one epoch
+    and continues with ``resume=True``.
 
     Returns:
         The results, as written to ``results.json``.
 
     Raises:
-        ValueError: unknown preset, row or model; ``"paper"`` without
-            ``data_dir``.
+        ValueError: see :func:`plan`; and with ``resume``, a checkpoint written
+            with other training settings.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    spec = PRESETS[preset]
-    rows = tuple(rows or spec.rows)
-    models = tuple(models or spec.models)
-    for row in rows:
-        if row not in TABLE1:
-            raise ValueError(f"rows must be Table 1 rows {sorted(TABLE1)}, got {row}")
-    for kind in models:
-        if kind not in KINDS:
-            raise ValueError(f"models must be among {KINDS}, got {kind!r}")
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
-    if spec.source == "dir" and data_dir is None:
-        raise ValueError(
-            f"preset {preset!r} trains on full MNIST: pass --data-dir DIR with the "
-            "four IDX files (get them with `dmoe-edu download DIR`)"
-        )
-    source = str(data_dir) if data_dir is not None else spec.source
-    config = dataclasses.replace(spec.train, **(overrides or {}))
+    job = plan(preset, data_dir=data_dir, rows=rows, models=models, seeds=seeds,
+               overrides=overrides)
+    return run_plan(job, out_dir, resume=resume, progress=progress, report=report,
+                    on_run=on_run, on_epoch=on_epoch)
+
+
+def checkpoint_name(row: int, kind: str, seed: int) -> str:
+    """File name of one run's checkpoint in ``out_dir/checkpoints``."""
+    return f"row{row}_{kind}_seed{seed}.pt"
+
+
+def run_plan(
+    job: Plan,
+    out_dir: str | os.PathLike = "results",
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    report: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the runs of a :class:`Plan` and write its results.
+
+    Arguments and outputs are those of :func:`reproduce`.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / "checkpoints"
+    stale = sorted(
+        p.name for p in checkpoints.glob("row*_seed*.pt")
+        if p.name not in {checkpoint_name(*run) for run in job.runs}
+    ) if checkpoints.is_dir() else []
+    if stale:
+        warnings.warn(
+            f"{checkpoints} also holds checkpoints of runs outside this job: "
+            f"{', '.join(stale)}; results.json describes only this job's runs",
+            stacklevel=2,
+        )
 
     # Train every (row, model, seed); keep the first seed's DMoE for analysis.
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     analysed: dict[int, tuple[Any, JitteredMNIST]] = {}
-    for seed in seeds:
-        split = load_digits(source, seed=seed)
+    sources = {}
+    for seed in job.seeds:
+        split = load_digits(job.source, seed=seed)
+        sources[seed] = {"source": split.source, "train": len(split.train),
+                         "test": len(split.test)}
         data = JitteredMNIST(split, seed=seed)
-        for row in rows:
-            for kind in models:
-                if kind == "dnn" and len(TABLE1[row].layers) < 2:
-                    continue
-                run_config = dataclasses.replace(config, seed=seed)
-                model, run = _run_one(row, kind, seed, data, run_config, progress,
-                                      on_epoch)
-                runs.append(run)
-                save_checkpoint(
-                    out_dir / "checkpoints" / f"row{row}_{kind}_seed{seed}.pt",
-                    model, epoch=run_config.epochs, history=run["history"],
-                    config=run_config,
-                )
-                _write_json(out_dir / "runs.json", {"runs": runs})
-                logger.info("row %d %s seed %d: test %.2f%%", row, kind, seed,
-                            run["test_error"])
-                if on_run is not None:
-                    on_run(run)
-                if kind == "dmoe" and row not in analysed:
-                    analysed[row] = (model, data)
+        for row, kind, run_seed in job.runs:
+            if run_seed != seed:
+                continue
+            run_config = dataclasses.replace(job.config, seed=seed)
+            model, run = _run_one(row, kind, seed, data, run_config,
+                                  checkpoints / checkpoint_name(row, kind, seed),
+                                  resume, progress, on_epoch)
+            runs.append(run)
+            _write_json(out_dir / "runs.json", {"runs": runs})
+            logger.info("row %d %s seed %d: test %.2f%%", row, kind, seed,
+                        run["test_error"])
+            if on_run is not None:
+                on_run(run)
+            if kind == "dmoe" and row not in analysed:
+                analysed[row] = (model, data)
 
     # Where/what analysis of each row's DMoE on the jittered test set.
     analyses = {row: _analyse(model, data) for row, (model, data) in analysed.items()}
     results = {
-        "preset": preset,
-        "description": spec.description,
-        "data": {"source": split.source, "train": len(split.train),
-                 "test": len(split.test)},
-        "train_config": dataclasses.asdict(config),
-        "seeds": list(seeds),
+        "preset": job.preset,
+        "description": job.description,
+        "data": sources[job.seeds[0]],
+        "data_by_seed": {str(seed): info for seed, info in sources.items()},
+        "train_config": dataclasses.asdict(job.config),
+        "seeds": list(job.seeds),
+        "skipped": [list(pair) for pair in job.skipped],
         "environment": environment(),
         "seconds": round(time.perf_counter() - started, 1),
         "runs": runs,
@@ -195,11 +312,12 @@ def reproduce(
     return results
 
 
-def _run_one(row, kind, seed, data, config, progress, on_epoch):
+def _run_one(row, kind, seed, data, config, checkpoint, resume, progress, on_epoch):
     torch.manual_seed(seed)
     model = build_baseline(kind, TABLE1[row].layers)
     started = time.perf_counter()
-    result = train(model, data, config, progress=progress, on_epoch=on_epoch)
+    result = train(model, data, config, progress=progress, on_epoch=on_epoch,
+                   checkpoint_path=checkpoint, resume=resume)
     return model, {
         "row": row,
         "model": kind,
@@ -412,8 +530,8 @@ def _scores_html(scores: dict[str, Any]) -> str:
                      f"{t['soft']:.3f}", f"{c['soft']:.3f}",
                      " ".join(f"{u:.2f}" for u in s["usage"]["argmax"])])
     table = viz.html_table(rows, header=[
-        "layer", "translation", "chance", "class", "chance", "soft translation",
-        "soft class", "argmax usage per expert"])
+        "layer", "translation", "translation chance", "class", "class chance",
+        "soft translation", "soft class", "argmax usage per expert"])
     note = (
         "<p>Scores are the mutual information between the factor and the expert "
         "choice (argmax of the gate), divided by the entropy of the expert choice: "
@@ -428,5 +546,6 @@ def _scores_html(scores: dict[str, Any]) -> str:
     return note + table
 
 
-__all__ = ["PRESETS", "Preset", "format_scores", "format_table", "reproduce",
-           "summarise", "write_html_report"]
+__all__ = ["PRESETS", "Plan", "Preset", "checkpoint_name", "format_scores",
+           "format_table", "plan", "reproduce", "run_plan", "summarise",
+           "write_html_report"]

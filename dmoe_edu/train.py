@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from ._atomic import atomic_write
 from .balance import check_margin
 from .dmoe import build_model
+from .gating import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +47,18 @@ class TrainConfig:
         batch_size: examples per step ``B``. Default: 100.
         weight_decay: L2 penalty. Default: 0.
         anneal: anneal the learning rate linearly to 0 over phase 2. Default: True.
-        seed: seeds the example order of every epoch. Default: 0.
+        seed: seeds the example order of every epoch (an integer >= 0).
+            Default: 0.
         threads: ``torch.set_num_threads`` for the run, or ``None`` to leave it.
             The same seed gives different numbers with a different thread count.
             Default: 1.
         eval_every: evaluate the test error every this many epochs (and at the
             last epoch); other epochs record ``None``. Default: 1.
+
+    Integer fields accept any integer type (``np.int64`` too) but not bools or
+    floats, and are stored as ``int``; ``lr``, ``momentum``, ``weight_decay``
+    and ``margin`` are stored as ``float``. A bad value raises ``ValueError``
+    naming the field and the value.
     """
 
     epochs: int = 100
@@ -65,23 +74,38 @@ class TrainConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        # Integers: any integer type (np.int64 too), stored as a plain int.
         for name in ("epochs", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0 <= self.constrained_epochs <= self.epochs:
+            setattr(self, name, check_int(name, getattr(self, name)))
+        self.constrained_epochs = check_int(
+            "constrained_epochs", self.constrained_epochs, minimum=0
+        )
+        if self.constrained_epochs > self.epochs:
             raise ValueError(
                 f"constrained_epochs must be in [0, epochs={self.epochs}], "
                 f"got {self.constrained_epochs!r}"
             )
+        self.seed = check_int("seed", self.seed, minimum=0)
+        if self.threads is not None:
+            try:
+                self.threads = check_int("threads", self.threads)
+            except ValueError:
+                raise ValueError(
+                    f"threads must be an integer >= 1 or None, got {self.threads!r}"
+                ) from None
+
+        # Real numbers, stored as floats.
         if self.margin is not None:
             self.margin = check_margin(self.margin)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
+        self.lr = _check_real("lr", self.lr, "> 0", lambda v: v > 0)
+        self.momentum = _check_real(
+            "momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1
+        )
+        self.weight_decay = _check_real(
+            "weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0
+        )
+        if not isinstance(self.anneal, bool):
+            raise ValueError(f"anneal must be True or False, got {self.anneal!r}")
 
     def lr_at(self, epoch: int, fraction: float) -> float:
         """Learning rate at ``fraction`` (in [0, 1)) of 1-based ``epoch``."""
@@ -90,6 +114,15 @@ class TrainConfig:
         free = self.epochs - self.constrained_epochs
         done = (epoch - 1 - self.constrained_epochs + fraction) / free
         return self.lr * (1.0 - done)
+
+
+def _check_real(name: str, value: Any, condition: str,
+                holds: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a finite real number meeting ``condition``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or not holds(float(value))):
+        raise ValueError(f"{name} must be a number {condition}, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass
@@ -169,11 +202,24 @@ def train(
         checkpoint_path: if given, a checkpoint is written there after every
             epoch (atomically: a crash never leaves a half-written file).
         resume: continue from ``checkpoint_path`` if it exists. The resumed run
-            ends with the same numbers as an uninterrupted one.
+            ends with the same numbers as an uninterrupted one, so the
+            checkpoint's :class:`TrainConfig` must equal ``config`` field by
+            field (``epochs`` alone changes the learning-rate schedule; even
+            ``threads`` changes the numbers). To train with other settings,
+            start fresh. A checkpoint whose run already finished (stored epoch
+            equal to ``config.epochs``) trains nothing and returns the stored
+            history. Default: False.
         on_epoch: called with each epoch's history entry.
 
     Returns:
         A :class:`TrainResult` with the model and its per-epoch history.
+
+    Raises:
+        ValueError: if ``resume`` finds a checkpoint written with another
+            :class:`TrainConfig` (the message lists the differing fields) or for
+            another model, or a file that is not a dmoe_edu checkpoint.
+        FloatingPointError: if the loss of a step is NaN or infinite (the
+            message names the epoch and step); the step is not applied.
 
     Example:
         >>> from dmoe_edu.data import JitteredMNIST, synthetic_digits
@@ -192,9 +238,12 @@ def train(
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = load_checkpoint(checkpoint_path, model=model, optimizer=optimizer)
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
+        # Check the settings before any weight is overwritten.
+        state = _read_checkpoint(checkpoint_path)
+        _check_same_config(checkpoint_path, state["train_config"], config)
+        loaded = _apply_checkpoint(checkpoint_path, state, model, optimizer)
+        history = loaded["history"]
+        start_epoch = loaded["epoch"] + 1
         logger.info("resuming from %s at epoch %d", checkpoint_path, start_epoch)
 
     epochs = range(start_epoch, config.epochs + 1)
@@ -234,20 +283,36 @@ def _train_epoch(model, optimizer, data, config: TrainConfig, epoch: int) -> dic
     lr_start = config.lr_at(epoch, 0.0)
     for step in range(num_batches):
         # The learning rate falls a little every step of the free phase.
+        lr = config.lr_at(epoch, step / num_batches)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(epoch, step / num_batches)
+            group["lr"] = lr
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = inputs[index], targets[index]
 
-        # Forward, cross-entropy on the class, one SGD step.
-        out = model(x)
+        # Forward (a gate's constraint refuses NaN logits: say where it happened),
+        # cross-entropy on the class; stop before a NaN step is applied.
+        try:
+            out = model(x)
+        except ValueError as error:
+            raise ValueError(
+                f"at epoch {epoch}, step {step + 1} of {num_batches}: {error}"
+            ) from error
         loss = nn.functional.cross_entropy(out.logits, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"training loss is {loss_value} at epoch {epoch}, step "
+                f"{step + 1} of {num_batches} (lr {lr:.4g}); check the "
+                "inputs for NaN/inf, or lower the learning rate"
+            )
+
+        # One SGD step.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
         # Running statistics for the history.
-        loss_sum += loss.item() * len(y)
+        loss_sum += loss_value * len(y)
         wrong += int((out.logits.argmax(1) != y).sum())
         sums = [None if g is None else g.detach().sum(0) for g in out.gate_probs]
         load_sums = sums if load_sums is None else [
@@ -330,12 +395,57 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None) -> dic
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if ``model`` does not match the stored config.
+        ValueError: if ``path`` is not a dmoe_edu checkpoint, or ``model`` does
+            not match the stored config.
     """
+    return _apply_checkpoint(path, _read_checkpoint(path), model, optimizer)
+
+
+#: Keys every checkpoint of :func:`save_checkpoint` holds.
+_CHECKPOINT_KEYS = ("model_config", "model_state", "optimizer_state", "epoch",
+                    "history", "train_config")
+
+
+def _read_checkpoint(path) -> dict:
+    """The raw dict of a checkpoint file, with its ``train_config`` rebuilt."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+
+    # Anything torch cannot read is not ours (a permission error stays one).
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError:
+        raise
+    except Exception as error:
+        raise ValueError(
+            f"{path} is not a dmoe_edu checkpoint: torch.load failed with "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} is not a dmoe_edu checkpoint: it holds a "
+            f"{type(state).__name__}, expected a dict"
+        )
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is not a dmoe_edu checkpoint: it misses the key(s) {missing}"
+        )
+
+    config = state["train_config"]
+    try:
+        config = None if config is None else TrainConfig(**config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a dmoe_edu checkpoint: its train_config is invalid: "
+            f"{error}"
+        ) from error
+    return {**state, "train_config": config}
+
+
+def _apply_checkpoint(path, state: dict, model, optimizer) -> dict:
+    """Load a raw checkpoint into ``model`` (built if None) and ``optimizer``."""
     if model is None:
         model = build_model(state["model_config"])
     elif getattr(model, "config", None) != state["model_config"]:
@@ -346,10 +456,31 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None) -> dic
     model.load_state_dict(state["model_state"])
     if optimizer is not None and state["optimizer_state"] is not None:
         optimizer.load_state_dict(state["optimizer_state"])
-    config = state["train_config"]
     return {
         "model": model,
         "epoch": state["epoch"],
         "history": state["history"],
-        "train_config": None if config is None else TrainConfig(**config),
+        "train_config": state["train_config"],
     }
+
+
+def _check_same_config(path, stored: TrainConfig | None,
+                       given: TrainConfig) -> None:
+    """Refuse to resume a run under other settings: its numbers would not match."""
+    if stored is None:
+        raise ValueError(
+            f"checkpoint {path} holds no TrainConfig, so resuming cannot check "
+            "that it continues the same run; start fresh (resume=False)"
+        )
+    stored_fields, given_fields = dataclasses.asdict(stored), dataclasses.asdict(given)
+    differences = [
+        f"{name} (stored {stored_fields[name]!r}, given {given_fields[name]!r})"
+        for name in stored_fields if stored_fields[name] != given_fields[name]
+    ]
+    if differences:
+        raise ValueError(
+            f"checkpoint {path} was written with a different TrainConfig: "
+            + "; ".join(differences)
+            + ". Resume with the stored settings, or start fresh (resume=False "
+            "or another checkpoint_path)"
+        )

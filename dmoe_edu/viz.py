@@ -22,6 +22,7 @@ import html
 import math
 import os
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,13 +72,27 @@ def _color_range(values: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
+def _title_width(text: str, font_size: float = _FONT["size"] * 1.4) -> int:
+    """Figure width (pixels) at which a left-aligned title is not cut off.
+
+    Plotly's default template starts the title at 5% of the width and draws it
+    at 1.4 times the font size; this assumes an average glyph of 0.55 em, which
+    over-estimates Helvetica a little. Tags such as ``<sup>`` are ignored and
+    the longest ``<br>``-separated line counts.
+    """
+    lines = re.split(r"<br\s*/?>", text, flags=re.IGNORECASE)
+    longest = max(len(re.sub(r"<[^>]*>", "", line)) for line in lines)
+    return int(math.ceil((longest * 0.55 * font_size + 40) / 0.95))
+
+
 def _axis_name(kind: str, index: int) -> str:
     """Layout key of the ``index``-th (1-based) x or y axis: xaxis, xaxis2, ..."""
     return f"{kind}axis" if index == 1 else f"{kind}axis{index}"
 
 
 def _annotated_heatmap(values: np.ndarray, title: str, x_title: str, y_title: str,
-                       row_name: str, col_name: str) -> go.Figure:
+                       row_name: str, col_name: str, value_name: str = "mean gate",
+                       subtitle: str | None = None) -> go.Figure:
     """Matrix heatmap, row 0 on top, every cell labelled with its value."""
     num_rows, num_cols = values.shape
     low, high = _color_range(values)
@@ -89,16 +104,19 @@ def _annotated_heatmap(values: np.ndarray, title: str, x_title: str, y_title: st
         zmin=low,
         zmax=high,
         texttemplate="%{z:.2f}",
-        colorbar=dict(title=dict(text="mean gate")),
+        colorbar=dict(title=dict(text=value_name)),
         hovertemplate=f"{row_name} %{{y}}<br>{col_name} %{{x}}"
-                      "<br>mean gate %{z:.3f}<extra></extra>",
+                      f"<br>{value_name} %{{z:.3f}}<extra></extra>",
     ))
+
+    # Wide enough for the title, a line more at the top for a subtitle
+    text = title if subtitle is None else f"{title}<br><sup>{subtitle}</sup>"
     fig.update_layout(
-        title=dict(text=title),
-        width=int(min(1400, 200 + 60 * num_cols)),
+        title=dict(text=text),
+        width=int(min(1400, max(200 + 60 * num_cols, _title_width(title)))),
         height=int(min(1000, 170 + 45 * num_rows)),
         font=_FONT,
-        margin=dict(l=80, r=30, t=70, b=60),
+        margin=dict(l=80, r=30, t=70 if subtitle is None else 95, b=60),
     )
     fig.update_xaxes(title_text=x_title, tickmode="array",
                      tickvals=list(range(num_cols)),
@@ -263,15 +281,20 @@ def class_matrix_figure(matrix: Any,
 
 
 def joint_figure(joint: Any,
-                 title: str = "Joint assignment of layer-1 and layer-2 experts"
-                 ) -> go.Figure:
+                 title: str = "Joint assignment of layer-1 and layer-2 experts",
+                 normalise_rows: bool = True) -> go.Figure:
     """Layer-1 by layer-2 heatmap of the mean product gate (Fig. 5).
 
     Args:
         joint: ``(E1, E2)`` matrix from
-            :func:`dmoe_edu.analysis.joint_assignment`, usually row-normalised.
+            :func:`dmoe_edu.analysis.joint_assignment`.
         title: figure title.
             Default: ``"Joint assignment of layer-1 and layer-2 experts"``.
+        normalise_rows: whether ``joint`` was made with
+            ``joint_assignment(..., normalise_rows=True)``: each row then sums
+            to 1 (or is all zero), the colour bar reads "share of row" and a
+            subtitle says so. With ``False`` the values are mean product gates.
+            Default: ``True``, as in :func:`~dmoe_edu.analysis.joint_assignment`.
 
     Shape:
         - ``joint``: ``(E1, E2)``: layer-1 expert rows, layer-2 expert columns.
@@ -279,15 +302,35 @@ def joint_figure(joint: Any,
     Returns:
         go.Figure: a single heatmap trace whose ``z`` is ``joint``.
 
+    Raises:
+        ValueError: if ``normalise_rows`` is True and a row sums to neither 1
+            nor 0.
+
     Example:
         >>> joint_figure(np.full((4, 4), 0.25)).data[0].z.shape
         (4, 4)
     """
     values = _float_array(joint, "joint", 2, "(E1, E2)")
-    return _annotated_heatmap(values, title, x_title="layer-2 expert (E2)",
-                              y_title="layer-1 expert (E1)",
-                              row_name="layer-1 expert",
-                              col_name="layer-2 expert")
+    names = dict(x_title="layer-2 expert (E2)", y_title="layer-1 expert (E1)",
+                 row_name="layer-1 expert", col_name="layer-2 expert")
+    if not normalise_rows:
+        return _annotated_heatmap(values, title, value_name="mean product gate",
+                                  **names)
+
+    # A row-normalised matrix: every row is a layer-1 expert's split over E2
+    sums = values.sum(axis=1)  # (E1,)
+    if not np.all(np.isclose(sums, 1.0, atol=1e-6) | (sums == 0.0)):
+        raise ValueError(
+            "joint rows must each sum to 1 (or 0) when normalise_rows=True, got "
+            f"row sums {np.round(sums, 4).tolist()}; pass normalise_rows=False "
+            "for mean product gates"
+        )
+    return _annotated_heatmap(
+        values, title, value_name="share of row",
+        subtitle="each row sums to 1: how a layer-1 expert's inputs split "
+                 "over the layer-2 experts",
+        **names,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -453,6 +496,14 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
                            title: str = "Training and test error") -> go.Figure:
     """Train and test error per epoch, the constrained phase shaded.
 
+    The training error is the one :func:`dmoe_edu.train.train` records: the
+    running error over the epoch's jittered training examples, measured in
+    training mode while the weights change, and with the balancing
+    constraint's masks during the constrained phase. It is not the error of the
+    trained model on the training set, so it can sit above the test error. Epochs
+    whose ``test_error`` is ``None`` (not evaluated) are left out of the test
+    line.
+
     Args:
         history: one dict per epoch with at least ``epoch``, ``phase``,
             ``train_error`` and ``test_error`` (percent; ``None`` for an epoch
@@ -460,20 +511,22 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
         title: figure title. Default: ``"Training and test error"``.
 
     Returns:
-        go.Figure: two line traces, ``train error`` and ``test error``.
+        go.Figure: two line traces, ``train error (during the epoch)`` and
+        ``test error``.
 
     Example:
         >>> history = [{"epoch": 1, "phase": "constrained", "train_error": 9.0,
         ...             "test_error": 10.0}]
         >>> [trace.name for trace in training_curves_figure(history).data]
-        ['train error', 'test error']
+        ['train error (during the epoch)', 'test error']
     """
     _check_history(history, ["epoch", "phase", "train_error", "test_error"])
     epochs = [entry["epoch"] for entry in history]
 
     # One line per error; epochs that skipped an evaluation hold None and are left out
     fig = go.Figure()
-    for key, name in (("train_error", "train error"), ("test_error", "test error")):
+    for key, name in (("train_error", "train error (during the epoch)"),
+                      ("test_error", "test error")):
         points = [(e, float(entry[key])) for e, entry in zip(epochs, history)
                   if entry[key] is not None]
         fig.add_trace(go.Scatter(
@@ -523,8 +576,7 @@ def expert_load_figure(history: Sequence[Mapping[str, Any]],
     # One subplot per gated layer
     fig = make_subplots(
         rows=len(gated), cols=1, shared_xaxes=True, vertical_spacing=0.12 / len(gated),
-        subplot_titles=[f"layer{k} (model layer {layer})"
-                        for k, layer in enumerate(gated, start=1)],
+        subplot_titles=[f"layer{k}" for k in range(1, len(gated) + 1)],
     )
 
     # One line per expert, plus the uniform load 1 / E
@@ -624,13 +676,17 @@ def scores_figure(scores: Mapping[str, Mapping[str, Any]],
         line=dict(color="black", dash="dash", width=2),
         hovertemplate="chance %{y:.3f}<extra></extra>",
     ))
+
+    # At least as wide as the title; automargin keeps the axis titles whole
     fig.update_layout(
         title=dict(text=title),
         xaxis=dict(title_text="gated layer (L)", tickmode="array",
-                   tickvals=positions.tolist(), ticktext=layers),
-        yaxis=dict(title_text="argmax score I(F; Z) / H(Z)", range=[0, 1]),
-        width=int(320 + 170 * len(layers)), height=420, font=_FONT,
-        margin=dict(l=70, r=30, t=70, b=60), bargap=0.1,
+                   tickvals=positions.tolist(), ticktext=layers, automargin=True),
+        yaxis=dict(title_text="argmax score I(F; Z) / H(Z)", range=[0, 1],
+                   automargin=True),
+        width=max(int(320 + 170 * len(layers)), _title_width(title)),
+        height=420, font=_FONT,
+        margin=dict(l=80, r=30, t=70, b=60), bargap=0.1,
     )
     return fig
 

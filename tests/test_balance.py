@@ -128,3 +128,36 @@ def test_bad_margin_is_rejected(margin):
 def test_wrong_width_is_rejected():
     with pytest.raises(ValueError, match="E = 4 columns, got 3"):
         constraint(4, 1.0).masks(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_are_refused_and_totals_kept(bad):
+    c, twin = constraint(3, margin=2.0), constraint(3, margin=2.0)
+    first = torch.tensor([[100.0, 0.0, 0.0]]).repeat(5, 1)
+    c.masks(first)
+    twin.masks(first)
+    totals, seen, masked = c.totals.clone(), float(c.seen), c.masked_examples
+
+    # Two of four rows hold a bad value: the batch is refused as a whole.
+    logits = torch.zeros(4, 3)
+    logits[1, 0] = bad
+    logits[3, 2] = bad
+    with pytest.raises(ValueError, match=r"2 of 4 rows.*inputs.*learning rate"):
+        c.masks(logits)
+
+    assert torch.equal(c.totals, totals) and torch.isfinite(c.totals).all()
+    assert float(c.seen) == seen and c.masked_examples == masked
+    # The next good batch is balanced as if the bad one never came.
+    after = torch.tensor([[100.0, 0.0, 0.0]]).repeat(3, 1)
+    assert torch.equal(c.masks(after), twin.masks(after))
+    assert torch.equal(c.totals, twin.totals)
+
+
+def test_num_experts_accepts_numpy_integers_only():
+    import numpy as np
+
+    c = MarginConstraint(np.int64(3))
+    assert type(c.num_experts) is int and c.totals.shape == (3,)
+    for bad in (True, 3.0, "3", 0):
+        with pytest.raises(ValueError, match="num_experts must be an integer >= 1"):
+            MarginConstraint(bad)

@@ -32,7 +32,9 @@ def test_reproduce_smoke_writes_results_and_report(tmp_path, capsys):
         for factor in ("translation", "class"):
             assert 0.0 <= layer[factor]["argmax"] <= 1.0
     assert len(results["analysis"]["1"]["by_translation"]["layer1"]) == 4  # E maps
-    assert len(results["runs"][0]["history"]) == 3
+    assert len(results["runs"][0]["history"]) == 15
+    # Smoke data is easy: every model must have learnt it.
+    assert all(e["test_error"] < 20 for e in results["table"])
 
     report = (out / "report.html").read_text()
     assert "Fig. 3" in report and "Fig. 2" in report and "joint assignment" in report
@@ -69,10 +71,72 @@ def test_reproduce_on_an_idx_directory_with_chosen_rows_and_models(tmp_path, cap
     assert results["train_config"]["epochs"] == 2
 
 
+def test_resume_reuses_finished_runs_and_refuses_other_settings(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = ["reproduce", "--preset", "smoke", "--models", "dmoe", "--epochs", "3",
+            "--out", out, "--no-progress"]
+    assert main(base) == 0
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+
+    # Resuming a finished job trains nothing new and gives the same numbers.
+    assert main([*base, "--resume"]) == 0
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["runs"][0]["history"] == first["runs"][0]["history"]
+    assert again["table"] == first["table"]
+
+    # Other settings cannot continue these checkpoints.
+    capsys.readouterr()
+    assert main([*base[:-3], "--epochs", "4", "--out", out, "--resume"]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_an_interrupted_job_says_what_is_saved(tmp_path, capsys, monkeypatch):
+    import dmoe_edu.reproduce as reproduce_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce_module, "train", interrupted)
+    code = main(["reproduce", "--preset", "smoke", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code == 130
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_stale_checkpoints_are_reported(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "row4_dnn_seed3.pt").write_bytes(b"old")
+    with pytest.warns(UserWarning, match="row4_dnn_seed3.pt"):
+        main(["reproduce", "--preset", "smoke", "--models", "dnn", "--epochs", "1",
+              "--out", str(tmp_path), "--no-progress"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reproduce", "--rows", ""],
+        ["reproduce", "--models", ","],
+        ["reproduce", "--epochs", "0"],
+        ["reproduce", "--epochs", "1000000000000000000000"],
+        ["reproduce", "--threads", "x"],
+    ],
+)
+def test_bad_option_values_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [
         (["reproduce", "--preset", "paper"], "--data-dir"),
+        (["reproduce", "--preset", "smoke", "--rows", "5", "--models", "dnn"],
+         "nothing to train"),
+        (["reproduce", "--preset", "smoke", "--seeds=-1"], "seeds must be integers"),
+        (["reproduce", "--preset", "smoke", "--constrained-epochs", "99"],
+         "constrained_epochs"),
         (["reproduce", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
         (["reproduce", "--preset", "smoke", "--rows", "9"], "Table 1 rows"),
         (["reproduce", "--preset", "smoke", "--models", "moe"], "models must be"),
@@ -83,6 +147,24 @@ def test_bad_arguments_exit_2_with_a_message(argv, words, tmp_path, capsys):
     code = main([*argv, "--out", str(tmp_path), "--no-progress"])
     assert code == 2
     assert words in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_reported_not_raised(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["reproduce", "--preset", "smoke", "--models", "dnn", "--epochs",
+                 "1", "--out", str(blocker), "--no-progress"]) == 2
+    assert str(blocker) in capsys.readouterr().err
+    assert main(["download", str(blocker)]) == 2
+    assert main(["download", ""]) == 2
+
+
+def test_duplicates_count_once_and_the_skipped_dnn_is_said(tmp_path, capsys):
+    from dmoe_edu.reproduce import plan
+
+    job = plan("smoke", rows=[1, 5, 1], models=["dnn", "dmoe", "dnn"], seeds=[0, 0])
+    assert job.runs == ((1, "dnn", 0), (1, "dmoe", 0), (5, "dmoe", 0))
+    assert job.skipped == ((5, "dnn"),)
 
 
 def test_info_names_the_backend(capsys):

@@ -1,9 +1,20 @@
 """Gates, experts, mixture layers, the Deep MoE and the baselines."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from dmoe_edu.baselines import KINDS, build_baseline, matched_dnn, matched_dnn_width
+from dmoe_edu.balance import MarginConstraint
+from dmoe_edu.baselines import (
+    KINDS,
+    build_baseline,
+    concat_last,
+    matched_dnn,
+    matched_dnn_width,
+    single_expert,
+)
 from dmoe_edu.dmoe import DNN, DeepMoE, LayerSpec, build_model
 from dmoe_edu.experts import ExpertLayer
 from dmoe_edu.gating import LinearGate, ReLUGate
@@ -205,3 +216,47 @@ def test_bad_batches_are_named(x, error, words):
 def test_bad_sizes_are_named(build, words):
     with pytest.raises(ValueError, match=words):
         build()
+
+
+def test_numpy_integer_sizes_are_accepted_and_stored_as_int():
+    spec = LayerSpec(np.int64(4), np.int32(10), np.int64(5))
+    assert spec == LayerSpec(4, 10, 5)
+    assert [type(v) for v in (spec.num_experts, spec.width, spec.gate_hidden)] \
+        == [int, int, int]
+
+    model = DeepMoE(np.int64(20), [spec, LayerSpec(np.int16(2), 3)],
+                    num_classes=np.int64(3))
+    json.dumps(model.config)  # plain ints all the way down
+    assert model(torch.rand(2, 20)).logits.shape == (2, 3)
+
+    dnn = DNN(np.int64(20), [np.int64(7), 4], num_classes=np.uint8(3))
+    json.dumps(dnn.config)
+    assert dnn.hidden == (7, 4) and type(dnn.hidden[0]) is int
+    assert type(ExpertLayer(np.int64(5), 3, 2).in_dim) is int
+    assert type(ReLUGate(5, np.int64(2), hidden=np.int64(4)).hidden) is int
+    assert type(LinearGate(np.int64(5), 2).in_dim) is int
+
+
+@pytest.mark.parametrize(
+    "build, words",
+    [
+        (lambda: LayerSpec(True, 10), "num_experts must be an integer >= 1, got True"),
+        (lambda: LayerSpec(4.0, 10), "num_experts must be an integer >= 1, got 4.0"),
+        (lambda: LayerSpec("4", 10), "num_experts must be an integer >= 1, got '4'"),
+        (lambda: LayerSpec(4, 10, np.float64(5)), "gate_hidden must be an integer"),
+        (lambda: DeepMoE(10.0, [LayerSpec(2, 3)]), "input_dim must be an integer"),
+        (lambda: DNN(10, [2.5]), "hidden_width must be an integer >= 1, got 2.5"),
+        (lambda: MarginConstraint(False), "num_experts must be an integer >= 1"),
+    ],
+)
+def test_non_integer_sizes_are_named(build, words):
+    with pytest.raises(ValueError, match=words):
+        build()
+
+
+@pytest.mark.parametrize("build", [single_expert, concat_last])
+def test_baselines_of_no_layers_are_named(build):
+    with pytest.raises(ValueError, match="at least one LayerSpec, got none"):
+        build([])
+    with pytest.raises(ValueError, match="at least one LayerSpec, got none"):
+        build_baseline(build.__name__.split("_")[0], [])

@@ -1,5 +1,8 @@
 """Training: the two phases, determinism, checkpoints and resuming."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -147,11 +150,142 @@ def test_loading_into_a_different_model_is_refused(tmp_path):
         ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
         ({"constrained_epochs": 9}, r"constrained_epochs must be in \[0, epochs=4\]"),
         ({"margin": -1.0}, "margin must be >= 0"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": 0.0}, "lr must be a number > 0, got 0.0"),
         ({"momentum": 1.0}, "momentum"),
         ({"batch_size": 0}, "batch_size"),
+        ({"constrained_epochs": 1.5},
+         "constrained_epochs must be an integer >= 0, got 1.5"),
+        ({"threads": 1.5}, "threads must be an integer >= 1 or None, got 1.5"),
+        ({"weight_decay": -1.0}, "weight_decay must be a number >= 0, got -1.0"),
+        ({"lr": "a"}, "lr must be a number > 0, got 'a'"),
+        ({"momentum": "a"}, r"momentum must be a number in \[0, 1\), got 'a'"),
+        ({"weight_decay": "a"}, "weight_decay must be a number >= 0, got 'a'"),
+        ({"lr": float("nan")}, "lr must be a number > 0, got nan"),
+        ({"epochs": True}, "epochs must be an integer >= 1, got True"),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+        ({"constrained_epochs": False}, "constrained_epochs must be an integer"),
+        ({"eval_every": 2.0}, "eval_every must be an integer >= 1, got 2.0"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"anneal": "yes"}, "anneal must be True or False, got 'yes'"),
     ],
 )
 def test_bad_config_is_named(changes, words):
     with pytest.raises(ValueError, match=words):
         config(**changes)
+
+
+def test_config_stores_plain_numbers():
+    cfg = config(epochs=np.int64(4), batch_size=np.int32(50), threads=np.int64(2),
+                 lr=np.float32(0.5), weight_decay=0)
+    assert [type(v) for v in dataclasses.astuple(cfg)] == [
+        int, int, float, float, float, int, float, bool, int, int, int
+    ]
+
+
+# ---------------------------------------------------------------------------
+# NaN and inf
+# ---------------------------------------------------------------------------
+
+
+class _NaNSet:
+    """A training set whose images are all NaN."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def inputs(self):
+        return torch.full_like(self.inner.inputs(), float("nan"))
+
+    def targets(self):
+        return self.inner.targets()
+
+
+class _Poisoned:
+    """``data`` with the training set of epoch ``bad_epoch`` turned to NaN."""
+
+    def __init__(self, data, bad_epoch):
+        self.data, self.bad_epoch, self.test = data, bad_epoch, data.test
+
+    def train_epoch(self, epoch):
+        inner = self.data.train_epoch(epoch)
+        return _NaNSet(inner) if epoch == self.bad_epoch else inner
+
+
+def test_non_finite_loss_stops_training_with_epoch_and_step(data):
+    model = fresh_model()
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 1 of 6"):
+        train(model, _Poisoned(data, bad_epoch=2), config(epochs=2, margin=None))
+    # The bad step was not applied.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_batch_in_the_constrained_phase_leaves_the_totals_finite(data):
+    model = fresh_model()
+    words = r"epoch 2, step 1 of 6: .*50 of 50 rows.*learning rate"
+    with pytest.raises(ValueError, match=words):
+        train(model, _Poisoned(data, bad_epoch=2), config(epochs=2))
+    for constraint in model.constraints():
+        assert torch.isfinite(constraint.totals).all()
+        assert float(constraint.seen) == 300
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints that are not ours, and resuming under other settings
+# ---------------------------------------------------------------------------
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04 certainly not a pickle")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+
+    for path, words in [(garbage, "torch.load failed"), (empty, "torch.load failed"),
+                        (other, "misses the key"), (listed, "holds a list")]:
+        with pytest.raises(ValueError, match="is not a dmoe_edu checkpoint") as info:
+            load_checkpoint(path)
+        assert str(path) in str(info.value) and words in str(info.value)
+
+
+def test_resume_refuses_a_different_config_before_touching_the_model(tmp_path,
+                                                                    data):
+    path = tmp_path / "run.pt"
+    train(fresh_model(), data, config(epochs=2, constrained_epochs=1),
+          checkpoint_path=path)
+
+    model = fresh_model(seed=99)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError) as info:
+        train(model, data, config(epochs=3, constrained_epochs=1, lr=0.1),
+              checkpoint_path=path, resume=True)
+    message = str(info.value)
+    assert str(path) in message
+    assert "epochs (stored 2, given 3)" in message
+    assert "lr (stored 0.05, given 0.1)" in message
+    assert "constrained_epochs" not in message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resume_refuses_a_checkpoint_without_a_config(tmp_path, data):
+    path = save_checkpoint(tmp_path / "bare.pt", fresh_model())
+    with pytest.raises(ValueError, match="holds no TrainConfig"):
+        train(fresh_model(), data, config(), checkpoint_path=path, resume=True)
+
+
+def test_resuming_a_finished_run_is_a_no_op(tmp_path, data):
+    path = tmp_path / "done.pt"
+    whole = train(fresh_model(), data, config(), checkpoint_path=path)
+
+    seen = []
+    again = train(fresh_model(seed=99), data, config(), checkpoint_path=path,
+                  resume=True, on_epoch=seen.append)
+
+    assert seen == [] and again.history == whole.history
+    for a, b in zip(whole.model.state_dict().values(),
+                    again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(not c.enabled for c in again.model.constraints())

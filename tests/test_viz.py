@@ -97,10 +97,27 @@ def test_class_and_joint_matrices():
     assert "C" in fig.layout.xaxis.title.text and "E" in fig.layout.yaxis.title.text
 
     joint = rng.random((4, 16))
+    joint /= joint.sum(axis=1, keepdims=True)
     fig = joint_figure(joint)
     np.testing.assert_array_equal(np.asarray(fig.data[0].z), joint)
     assert "E2" in fig.layout.xaxis.title.text
     assert "E1" in fig.layout.yaxis.title.text
+
+
+def test_joint_figure_says_rows_sum_to_one():
+    joint = np.array([[0.25, 0.75], [0.0, 0.0], [0.5, 0.5]])
+    fig = joint_figure(joint)
+    assert fig.data[0].colorbar.title.text == "share of row"
+    assert "share of row" in fig.data[0].hovertemplate
+    assert "each row sums to 1" in fig.layout.title.text
+    assert "mean gate" not in fig.to_json()
+
+    # Raw mean product gates: no claim about the rows.
+    raw = joint_figure(joint / 4, normalise_rows=False)
+    assert raw.data[0].colorbar.title.text == "mean product gate"
+    assert "sums to 1" not in raw.layout.title.text
+    with pytest.raises(ValueError, match=r"rows must each sum to 1.*0\.25"):
+        joint_figure(joint / 4)
 
 
 # ---------------------------------------------------------------------------
@@ -166,6 +183,24 @@ def test_training_curves_hold_errors_and_shade_constrained_phase():
     assert [(r.x0, r.x1) for r in rects] == [(0.5, 2.5)]
 
 
+def test_training_curves_name_the_running_train_error():
+    fig = training_curves_figure(make_history())
+    assert [trace.name for trace in fig.data] == [
+        "train error (during the epoch)", "test error"
+    ]
+    assert "running error" in training_curves_figure.__doc__
+
+
+def test_training_curves_skip_epochs_without_a_test_error():
+    history = make_history(epochs=5)
+    for entry in history[:-1:2]:
+        entry["test_error"] = None
+    train, test = training_curves_figure(history).data
+    assert list(train.x) == [1, 2, 3, 4, 5]
+    assert list(test.x) == [2, 4, 5]
+    assert list(test.y) == [history[i]["test_error"] for i in (1, 3, 4)]
+
+
 def test_training_curves_reject_missing_key():
     with pytest.raises(KeyError, match="test_error"):
         training_curves_figure([{"epoch": 1, "phase": "free", "train_error": 1.0}])
@@ -182,6 +217,9 @@ def test_expert_load_one_line_per_expert_per_gated_layer():
         np.testing.assert_allclose(fig.data[4 + expert].y,
                                    [h["load"][2][expert] for h in history])
     assert fig.data[4].yaxis == "y2"
+    # Gated layers are numbered from 1 alone, with no 0-based model index.
+    titles = [a.text for a in fig.layout.annotations if a.text != "constrained"]
+    assert titles == ["layer1", "layer2"]
 
 
 def test_scores_figure_bars_and_chance():
@@ -193,6 +231,16 @@ def test_scores_figure_bars_and_chance():
     levels = [y for y in chance.y if y is not None]
     assert levels == [0.1, 0.1, 0.11, 0.11, 0.01, 0.01, 0.012, 0.012]
     assert list(fig.layout.xaxis.ticktext) == ["layer1", "layer2"]
+
+
+def test_scores_figure_of_one_layer_fits_its_title_and_axis_title():
+    scores = {"layer1": make_scores()["layer1"]}
+    fig = scores_figure(scores)
+    title = fig.layout.title.text
+    # A title glyph is about half its font size wide; the title starts at 5%.
+    title_size = fig.layout.font.size * 1.4
+    assert fig.layout.width * 0.95 >= len(title) * 0.5 * title_size + 30
+    assert fig.layout.yaxis.automargin and fig.layout.margin.l >= 80
 
 
 # ---------------------------------------------------------------------------
