@@ -28,6 +28,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb",
     path, so a caller may verify the bytes before the block ends.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     os.close(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -37,17 +38,17 @@ def _name_list(text: str) -> list[str]:
     return names
 
 
-def _count(low: int):
-    """An argparse type: an integer in [low, 1_000_000]."""
+def _count(low: int, high: int = 1_000_000):
+    """An argparse type: an integer in [low, high]."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected an integer, got {text!r}") from None
-        if not low <= value <= 1_000_000:
+        if not low <= value <= high:
             raise argparse.ArgumentTypeError(
-                f"expected an integer from {low} to 1000000, got {value}")
+                f"expected an integer from {low} to {high}, got {value}")
         return value
     return parse
 
@@ -89,12 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"total epochs of every run (default: {defaults.epochs})")
     rep.add_argument("--constrained-epochs", type=_count(0),
                      help="epochs with the balancing constraint on (default: "
-                     f"{defaults.constrained_epochs})")
+                     f"{defaults.constrained_epochs}, or --epochs if fewer)")
     rep.add_argument("--margin", type=float,
                      help="the constraint's margin m, in examples of gate mass "
                      f"(default: {defaults.margin:g})")
-    rep.add_argument("--threads", type=_count(1), default=1,
-                     help="torch threads (default: 1; numbers depend on it)")
+    max_threads = 4 * (os.cpu_count() or 1)
+    rep.add_argument("--threads", type=_count(1, max_threads), default=1,
+                     help="torch threads, at most 4 per CPU core (default: 1; the "
+                     "numbers depend on it)")
     rep.add_argument("--out", default=None,
                      help="output directory (default: results/PRESET)")
     rep.add_argument("--resume", action="store_true",

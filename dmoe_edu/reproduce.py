@@ -140,8 +140,11 @@ def plan(
     if not rows or not models or not seeds:
         raise ValueError("rows, models and seeds must each name at least one item")
     for seed in seeds:
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seeds must be integers >= 0, got {seed!r}")
+        if (not isinstance(seed, int) or isinstance(seed, bool)
+                or not 0 <= seed < 2**32):
+            raise ValueError(
+                f"seeds must be integers from 0 to 2**32 - 1, got {seed!r}"
+            )
     if spec.source == "dir" and data_dir is None:
         raise ValueError(
             f"preset {preset!r} trains on full MNIST: pass --data-dir DIR with the "
@@ -253,6 +256,7 @@ def run_plan(
     """
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
+    _check_job_file(out_dir, job, resume)
     stale = sorted(
         p.name for p in checkpoints.glob("row*_seed*.pt")
         if p.name not in {checkpoint_name(*run) for run in job.runs}
@@ -310,6 +314,38 @@ def run_plan(
     if report:
         write_html_report(out_dir / "report.html", results, analyses)
     return results
+
+
+def _job_identity(job: Plan) -> dict[str, Any]:
+    return {"preset": job.preset, "source": job.source}
+
+
+def _check_job_file(out_dir: Path, job: Plan, resume: bool) -> None:
+    """Refuse to resume another job's checkpoints; say when results are replaced.
+
+    ``out_dir/job.json`` records which data the checkpoints there were trained
+    on: the training settings are checked by :func:`~dmoe_edu.train.train`, the
+    data only here.
+    """
+    path = out_dir / "job.json"
+    if resume and path.exists():
+        stored = json.loads(path.read_text())
+        if stored != _job_identity(job):
+            raise ValueError(
+                f"{out_dir} holds checkpoints of another job ({stored}), not of "
+                f"{_job_identity(job)}; choose another --out or drop --resume"
+            )
+    elif resume and (out_dir / "checkpoints").is_dir():
+        raise ValueError(
+            f"{out_dir} has checkpoints but no job.json saying what data they were "
+            "trained on; choose another --out or drop --resume"
+        )
+    elif not resume and (out_dir / "runs.json").exists():
+        warnings.warn(
+            f"{out_dir} holds results of an earlier job; this job replaces them "
+            "(use --resume to continue that job instead)", stacklevel=3,
+        )
+    _write_json(path, _job_identity(job))
 
 
 def _run_one(row, kind, seed, data, config, checkpoint, resume, progress, on_epoch):

@@ -20,6 +20,13 @@ def test_success_replaces_the_file_with_umask_permissions(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
 
 
+def test_a_directory_target_is_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        with atomic_write(tmp_path) as f:
+            f.write(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_crash_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")

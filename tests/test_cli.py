@@ -90,6 +90,36 @@ def test_resume_reuses_finished_runs_and_refuses_other_settings(tmp_path, capsys
     assert "epochs" in capsys.readouterr().err
 
 
+def test_resume_refuses_checkpoints_trained_on_other_data(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = ["reproduce", "--preset", "smoke", "--models", "dnn", "--epochs", "1",
+            "--out", out, "--no-progress"]
+    assert main(base) == 0
+
+    # The same settings on other digits must not reuse the synthetic model.
+    other = tmp_path / "digits"
+    _write_tiny_mnist(other)
+    capsys.readouterr()
+    assert main([*base, "--data-dir", str(other), "--resume"]) == 2
+    assert "another job" in capsys.readouterr().err
+
+    # Without --resume the job replaces the earlier one, and says so.
+    with pytest.warns(UserWarning, match="replaces them"):
+        assert main([*base, "--data-dir", str(other)]) == 0
+
+
+def _write_tiny_mnist(data_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data_dir.mkdir()
+    for prefix, n in (("train", 100), ("t10k", 50)):
+        write_idx(data_dir / f"{prefix}-images-idx3-ubyte",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(data_dir / f"{prefix}-labels-idx1-ubyte",
+                  (np.arange(n) % 10).astype(np.uint8))
+
+
 def test_an_interrupted_job_says_what_is_saved(tmp_path, capsys, monkeypatch):
     import dmoe_edu.reproduce as reproduce_module
 
@@ -119,6 +149,7 @@ def test_stale_checkpoints_are_reported(tmp_path):
         ["reproduce", "--epochs", "0"],
         ["reproduce", "--epochs", "1000000000000000000000"],
         ["reproduce", "--threads", "x"],
+        ["reproduce", "--threads", "100000"],
     ],
 )
 def test_bad_option_values_are_refused_by_the_parser(argv, capsys):
@@ -135,6 +166,8 @@ def test_bad_option_values_are_refused_by_the_parser(argv, capsys):
         (["reproduce", "--preset", "smoke", "--rows", "5", "--models", "dnn"],
          "nothing to train"),
         (["reproduce", "--preset", "smoke", "--seeds=-1"], "seeds must be integers"),
+        (["reproduce", "--preset", "smoke", "--seeds", "99999999999999999999"],
+         "seeds must be integers"),
         (["reproduce", "--preset", "smoke", "--constrained-epochs", "99"],
          "constrained_epochs"),
         (["reproduce", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
