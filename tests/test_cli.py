@@ -43,17 +43,9 @@ def test_reproduce_smoke_writes_results_and_report(tmp_path, capsys):
 
 
 def test_reproduce_on_an_idx_directory_with_chosen_rows_and_models(tmp_path, capsys):
-    import numpy as np
-
     # A tiny MNIST in IDX form, as a user's --data-dir would hold.
-    rng = np.random.default_rng(0)
     data_dir = tmp_path / "mnist"
-    data_dir.mkdir()
-    for prefix, n in (("train", 200), ("t10k", 100)):
-        write_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz",
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(data_dir / f"{prefix}-labels-idx1-ubyte",
-                  (np.arange(n) % 10).astype(np.uint8))
+    _write_tiny_mnist(data_dir, n_train=200, n_test=100)
 
     code = main(["reproduce", "--preset", "paper", "--data-dir", str(data_dir),
                  "--rows", "4,5", "--models", "dmoe,dnn", "--epochs", "2",
@@ -108,13 +100,14 @@ def test_resume_refuses_checkpoints_trained_on_other_data(tmp_path, capsys):
         assert main([*base, "--data-dir", str(other)]) == 0
 
 
-def _write_tiny_mnist(data_dir):
+def _write_tiny_mnist(data_dir, n_train=100, n_test=50):
+    """Random digits in IDX form (images gzipped, labels raw), as MNIST ships."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     data_dir.mkdir()
-    for prefix, n in (("train", 100), ("t10k", 50)):
-        write_idx(data_dir / f"{prefix}-images-idx3-ubyte",
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz",
                   rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(data_dir / f"{prefix}-labels-idx1-ubyte",
                   (np.arange(n) % 10).astype(np.uint8))
