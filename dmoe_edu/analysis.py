@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.jitter import MAX_SHIFT
+from .data.jitter import NUM_SHIFTS, check_shifts, shift_index
 
 _MODES = ("argmax", "soft")
 
@@ -66,24 +66,6 @@ def _int_vector(values: Any, name: str, num_rows: int) -> np.ndarray:
     if num_rows and not np.issubdtype(vector.dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got dtype {vector.dtype}")
     return vector.astype(np.int64, copy=False)
-
-
-def _shifts(shifts: Any, num_rows: int, max_shift: int) -> np.ndarray:
-    """Check a ``(N, 2)`` shift array with values in ``-max_shift..max_shift``."""
-    shift_array = _to_numpy(shifts, "shifts")
-    if shift_array.shape != (num_rows, 2):
-        raise ValueError(
-            f"shifts must have shape ({num_rows}, 2), got {shift_array.shape}"
-        )
-    if num_rows and not np.issubdtype(shift_array.dtype, np.integer):
-        raise TypeError(f"shifts must hold integers, got dtype {shift_array.dtype}")
-    shift_array = shift_array.astype(np.int64, copy=False)
-    if num_rows and np.abs(shift_array).max() > max_shift:
-        raise ValueError(
-            f"shifts must lie in -{max_shift}..{max_shift}, got values from "
-            f"{shift_array.min()} to {shift_array.max()}"
-        )
-    return shift_array
 
 
 def _check_mode(mode: str) -> None:
@@ -233,45 +215,17 @@ def collect_gates(model: torch.nn.Module, dataset: Any, batch_size: int = 1000
 # ---------------------------------------------------------------------------
 
 
-def shift_index(shifts: Any, max_shift: int = MAX_SHIFT) -> np.ndarray:
-    """Flat index of each translation: ``(dy + m) * (2m + 1) + (dx + m)``.
-
-    Args:
-        shifts: ``(N, 2)`` integer shifts, ``dx`` in column 0, ``dy`` in
-            column 1.
-        max_shift: the largest ``|dx|`` or ``|dy|``, ``m``. Default: 4.
-
-    Shape:
-        - Input: ``(N, 2)``.
-        - Output: ``(N,)`` int64 in ``[0, (2m + 1) ** 2)``.
-
-    Returns:
-        np.ndarray: one translation index per example (81 values for m = 4).
-
-    Example:
-        >>> shift_index(np.array([[-4, -4], [4, 4], [1, 0]]))
-        array([ 0, 80, 41])
-    """
-    shift_array = _to_numpy(shifts, "shifts")
-    num_rows = shift_array.shape[0] if shift_array.ndim else 0
-    shift_array = _shifts(shift_array, num_rows, max_shift)
-    side = 2 * max_shift + 1
-    return (shift_array[:, 1] + max_shift) * side + (shift_array[:, 0] + max_shift)
-
-
-def gate_by_translation(gate_probs: Any, shifts: Any, max_shift: int = MAX_SHIFT
-                        ) -> np.ndarray:
+def gate_by_translation(gate_probs: Any, shifts: Any) -> np.ndarray:
     """Mean gate probability of each expert for each translation (Fig. 2, top).
 
     Args:
         gate_probs: ``(N, E)`` gate probabilities of one layer.
         shifts: ``(N, 2)`` integer shifts, ``dx`` in column 0, ``dy`` in
             column 1.
-        max_shift: the largest ``|dx|`` or ``|dy|``. Default: 4.
 
     Shape:
         - ``gate_probs``: ``(N, E)``; ``shifts``: ``(N, 2)``.
-        - Output: ``(E, 9, 9)`` for ``max_shift=4``; row ``r`` is
+        - Output: ``(E, 9, 9)``; row ``r`` is
           ``dy = r - 4``, column ``c`` is ``dx = c - 4``.
 
     Returns:
@@ -284,11 +238,11 @@ def gate_by_translation(gate_probs: Any, shifts: Any, max_shift: int = MAX_SHIFT
     """
     gates = _gates(gate_probs)
     num_examples, num_experts = gates.shape
-    shift_array = _shifts(shifts, num_examples, max_shift)
-    side = 2 * max_shift + 1
+    shift_array = check_shifts(_to_numpy(shifts, "shifts"), num_examples)
+    side = NUM_SHIFTS
 
     # Sum the gates and count the examples of each translation cell
-    flat = shift_index(shift_array, max_shift)  # (N,)
+    flat = shift_index(shift_array)  # (N,)
     sums = np.zeros((side * side, num_experts))  # (81, E)
     np.add.at(sums, flat, gates)
     counts = np.bincount(flat, minlength=side * side).astype(np.float64)  # (81,)

@@ -42,7 +42,7 @@ NUM_SHIFTS = 2 * MAX_SHIFT + 1  # values per axis (-4..4): 81 translations in al
 _TEST_STREAM, _EPOCH_STREAM, _FIXED_STREAM = 0, 1, 2
 
 
-def _check_shifts(shifts: np.ndarray, n: int | None = None) -> np.ndarray:
+def check_shifts(shifts: np.ndarray, n: int | None = None) -> np.ndarray:
     """Validate ``(N, 2)`` integer shifts in ``[-4, 4]``; return them as int64."""
     shifts = np.asarray(shifts)
     wrong_n = n is not None and len(shifts) != n
@@ -106,7 +106,7 @@ def shift_index(shifts: np.ndarray) -> np.ndarray:
         >>> shift_index(np.array([[-4, -4], [0, 0], [4, 4]]))
         array([ 0, 40, 80])
     """
-    shifts = _check_shifts(shifts)
+    shifts = check_shifts(shifts)
     dx, dy = shifts[:, 0], shifts[:, 1]
     return (dy + MAX_SHIFT) * NUM_SHIFTS + (dx + MAX_SHIFT)
 
@@ -146,7 +146,7 @@ def jitter_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
         raise ValueError(f"images must have shape (N, 28, 28), got {images.shape}")
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
-    shifts = _check_shifts(shifts, n=len(images))
+    shifts = check_shifts(shifts, n=len(images))
 
     out = np.zeros((len(images), CANVAS, CANVAS), dtype=np.uint8)  # (N, 36, 36)
 
