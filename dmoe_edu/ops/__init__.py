@@ -8,50 +8,84 @@ else.
 
 Backends:
 
-* ``"reference"``: plain PyTorch with a hand-written backward. The oracle.
+* ``"reference"``: plain PyTorch with a hand-written backward. The oracle, on any
+  device.
+* ``"cupy"``: the package's CUDA kernels (``kernels/*.cu``) on a GPU, through CuPy.
+* ``"emulate"``: the same ``.cu`` files compiled for the CPU with the system C++
+  compiler and run one thread at a time, so the kernels run (slowly) without a GPU.
 
-Choose one globally with :func:`set_backend`, or for a block of code with
-:func:`use_backend`. Only the reference backend exists so far; asking for
-another raises ``ValueError`` naming the ones available.
+By default (``"auto"``) CUDA tensors go to ``cupy`` when CuPy works here, and
+everything else to ``reference``. Choose one backend for every call with
+:func:`set_backend`, or for a block of code with :func:`use_backend`;
+:func:`backend_status` says which can run here and why not.
+
+Every backend meets one contract, tested against ``reference``. The kernel backends
+copy non-contiguous inputs to contiguous ones and refuse tensors on a device they
+cannot reach (``emulate``: CPU only; ``cupy``: CUDA only). Their backward is
+first-order only (no ``create_graph=True`` through them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cupy_backend, emulate, reference
 
-_BACKENDS: dict[str, tuple[Callable, Callable]] = {
+BACKENDS = ("reference", "emulate", "cupy")
+
+_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "reference": (reference.softmax_gate, reference.combine),
+    "emulate": (emulate.softmax_gate, emulate.combine),
+    "cupy": (cupy_backend.softmax_gate, cupy_backend.combine),
 }
-_active = "reference"
+_active = "auto"
+_warned_no_cupy = False
+
+
+def backend_status() -> dict[str, str | None]:
+    """For each backend, ``None`` if it can run here, else the reason it cannot.
+
+    Example:
+        >>> backend_status()["reference"] is None
+        True
+    """
+    return {
+        "reference": None,
+        "emulate": emulate.status(),
+        "cupy": cupy_backend.status(),
+    }
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run here, the default first."""
-    return list(_BACKENDS)
+    """Names of the backends that can run here, ``reference`` first."""
+    return [name for name, reason in backend_status().items() if reason is None]
 
 
 def get_backend() -> str:
-    """Name of the backend the ops dispatch to now."""
+    """The backend setting now: ``"auto"`` (the default) or a backend's name."""
     return _active
 
 
 def set_backend(name: str) -> None:
-    """Make ``name`` the backend of every later op call.
+    """Send every later op call to the backend ``name`` (or ``"auto"``).
 
     Raises:
-        ValueError: if ``name`` is not one of :func:`available_backends`.
+        ValueError: if ``name`` is not ``"auto"`` or one of :data:`BACKENDS`.
+        RuntimeError: if that backend cannot run here; the message says why.
     """
     global _active
-    if name not in _BACKENDS:
+    if name != "auto" and name not in BACKENDS:
         raise ValueError(
-            f"unknown ops backend {name!r}; available: {available_backends()}"
+            f"unknown ops backend {name!r}; expected 'auto' or one of {list(BACKENDS)}"
         )
+    reason = backend_status()[name] if name != "auto" else None
+    if reason:
+        raise RuntimeError(f"the {name} backend cannot run here: {reason}")
     _active = name
 
 
@@ -69,6 +103,30 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def resolve_backend(tensor: Tensor) -> str:
+    """The backend an op on ``tensor`` runs on under the current setting.
+
+    Example:
+        >>> resolve_backend(torch.zeros(1))
+        'reference'
+    """
+    global _warned_no_cupy
+    if _active != "auto":
+        return _active
+    if tensor.is_cuda:
+        reason = cupy_backend.status()
+        if reason is None:
+            return "cupy"
+        if not _warned_no_cupy:
+            warnings.warn(
+                f"CuPy unavailable ({reason}); the ops run on the torch reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned_no_cupy = True
+    return "reference"
 
 
 def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -110,7 +168,7 @@ def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = mask.expand_as(gate_logits).to(gate_logits.device)
         if gate_logits.shape[0] and not bool(mask.any(dim=1).all()):
             raise ValueError("mask leaves a row with no expert; keep at least one")
-    return _BACKENDS[_active][0](gate_logits, mask)
+    return _IMPLEMENTATIONS[resolve_backend(gate_logits)][0](gate_logits, mask)
 
 
 def combine(gate_probs: Tensor, expert_out: Tensor) -> Tensor:
@@ -141,12 +199,17 @@ def combine(gate_probs: Tensor, expert_out: Tensor) -> Tensor:
             f"expert_out must be (B, E, H) with (B, E) = {tuple(gate_probs.shape)}, "
             f"got {tuple(expert_out.shape)}"
         )
+    if expert_out.device != gate_probs.device:
+        raise ValueError(
+            f"gate_probs and expert_out must be on one device, got {gate_probs.device} "
+            f"and {expert_out.device}"
+        )
     if expert_out.dtype != gate_probs.dtype:
         raise TypeError(
             f"gate_probs and expert_out must share a dtype, got {gate_probs.dtype} "
             f"and {expert_out.dtype}"
         )
-    return _BACKENDS[_active][1](gate_probs, expert_out)
+    return _IMPLEMENTATIONS[resolve_backend(gate_probs)][1](gate_probs, expert_out)
 
 
 def _check_floating(name: str, tensor: Tensor, ndim: int) -> None:
@@ -161,9 +224,12 @@ def _check_floating(name: str, tensor: Tensor, ndim: int) -> None:
 
 
 __all__ = [
+    "BACKENDS",
     "available_backends",
+    "backend_status",
     "combine",
     "get_backend",
+    "resolve_backend",
     "set_backend",
     "softmax_gate",
     "use_backend",
