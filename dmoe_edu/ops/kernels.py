@@ -321,7 +321,7 @@ def _mask_operand(mask: Tensor | None, num_experts: int) -> tuple[Tensor | None,
         return None, 0
     if mask.dim() == 1:
         return mask.contiguous(), 0
-    if mask.stride(0) == 0:
+    if len(mask) and mask.stride(0) == 0:
         return mask[0].contiguous(), 0
     return mask.contiguous(), num_experts
 
