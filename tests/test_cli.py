@@ -196,4 +196,43 @@ def test_duplicates_count_once_and_the_skipped_dnn_is_said(tmp_path, capsys):
 def test_info_names_the_backend(capsys):
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
-    assert "ops backend: reference" in printed and "torch" in printed
+    assert "ops backend: auto (available: reference" in printed
+    assert "torch" in printed
+
+
+def test_kernels_reports_backends_and_checks_them(capsys):
+    from dmoe_edu import ops
+
+    assert main(["kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert "gating.cu, combine.cu" in printed
+    for name, reason in ops.backend_status().items():
+        if reason is None:
+            assert f"{name:<10} ok" in printed
+            # Five checks (both ops, forward and backward) per dtype, all passing.
+            rows = [line for line in printed.splitlines()
+                    if line.strip().startswith(name) and line.endswith("pass")]
+            assert len(rows) == 10, printed
+        else:
+            assert f"{name:<10} unavailable: {reason}" in printed
+    assert "all checks passed on: reference" in printed
+
+
+def test_kernels_fails_when_a_check_fails(capsys, monkeypatch):
+    import torch
+
+    import dmoe_edu.ops.selfcheck as selfcheck
+
+    # Tolerances no float32 computation meets: every float32 row must fail.
+    monkeypatch.setitem(selfcheck.TOLERANCE, torch.float32, -1.0)
+    assert main(["kernels"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed and "check(s) FAILED" in printed
+
+
+def test_kernels_without_a_compiler(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))
+    assert main(["kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert "emulate    unavailable: the emulate backend compiles" in printed
+    assert "all checks passed on: reference." in printed
