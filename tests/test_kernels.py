@@ -364,6 +364,20 @@ def test_clear_error_without_a_compiler(tmp_path, monkeypatch):
         emulate.find_compiler()
 
 
+def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(blocker / "cache"))
+    code = SCALE.replace("scale(", "scale_again(")
+    with pytest.warns(UserWarning, match="cannot create the kernel cache"):
+        module = emulate.RawModule(code, "fallback.cu")
+    assert not module.path.is_relative_to(blocker)
+    x = torch.ones(3, dtype=torch.float64)
+    y = torch.empty_like(x)
+    module.get_function("scale_again")((1,), (4,), (x, y, np.float64(2), np.int64(3)))
+    assert y.tolist() == [2.0, 2.0, 2.0]
+
+
 def test_no_source_means_no_kernel():
     with pytest.raises(ValueError, match="declares no kernel"):
         emulate.RawModule("int x;")

@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,7 +156,16 @@ def _build(code: str, source_name: str, kernels: Sequence[str]) -> Path:
 
     # Compile in a scratch folder, then rename into the cache: a crash or a second
     # process never leaves a half-written library under the final name.
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / f"dmoe_edu-{os.getuid()}" / "emulate"
+        warnings.warn(f"cannot create the kernel cache {target.parent} ({exc}); "
+                      f"using {fallback} (set DMOE_EDU_CACHE to choose)", stacklevel=3)
+        target = fallback / target.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_file():
+            return target
     with tempfile.TemporaryDirectory(prefix="dmoe-emulate-") as scratch:
         scratch = Path(scratch)
         (scratch / "cpu_shim.h").write_text(shim)
