@@ -22,7 +22,9 @@ from other work on the machine hits both sides alike:
 ``--quick`` takes few samples and small sizes (for the test suite; its numbers
 are only indicative). ``--compile`` adds a ``torch.compile``-fused combine as a
 reference point (about 30 s of compilation). With ``--out`` the script writes
-the markdown report there; it always prints it.
+the markdown report into that file's ``train_step`` section (see
+``bench/_report.py``), leaving the rest of the file as it was; it always prints
+it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from _report import write_section
 from torch import Tensor, nn
 
 from dmoe_edu import ops
@@ -634,8 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(step, comb, argv, args.quick)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_section(args.out, "train_step", text)
     return 0
 
 
