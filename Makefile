@@ -8,12 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install reproduce test lab clean
+.PHONY: help install reproduce test lab notebooks clean
 
 help:
 	@echo "make reproduce   train the DMoE and baselines, print Table 1, write results/"
 	@echo "make test        run the whole test suite"
-	@echo "make lab         start JupyterLab (on notebooks/ once it exists)"
+	@echo "make lab         start JupyterLab on the course notebooks"
+	@echo "make notebooks   re-execute every notebook's .ipynb from its .py source"
 	@echo "make install     only create .venv and install (done by the others)"
 	@echo "Pass options to reproduce with ARGS, e.g. make reproduce ARGS='--seeds 0,1'"
 
@@ -38,6 +39,11 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# Re-run every notebook from its .py into its .ipynb (outputs, no widget state).
+# One notebook: make notebooks ARGS=notebooks/03_collapse_and_balance.py
+notebooks: $(STAMP)
+	$(BIN)/python tools/execute_notebooks.py --jobs 2 $(ARGS)
 
 # Root (as in containers) must say so explicitly to Jupyter.
 lab: $(STAMP)

@@ -14,7 +14,7 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
-    paths = [p for p in ("dmoe_edu", "tests", "bench", "conftest.py")
+    paths = [p for p in ("dmoe_edu", "tests", "bench", "tools", "conftest.py")
              if (ROOT / p).exists()]
     result = subprocess.run([ruff, "check", "--output-format", "concise", *paths],
                             cwd=ROOT, capture_output=True, text=True)
