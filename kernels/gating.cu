@@ -11,10 +11,11 @@
 // Thread mapping
 //   One thread per output element (b, e), at flat index i = b * E + e. A grid-stride loop lets
 //   any grid cover any amount of work: thread t of the whole grid handles i = t, t + T,
-//   t + 2T, ... where T = gridDim.x * blockDim.x. Each thread reads its whole row (E values)
-//   to find the max and the sum itself. That repeats work across a row, but it keeps every
-//   thread independent: no shared memory, no __syncthreads, no atomics, so results are
-//   deterministic and a CPU can run the threads one after another (the emulate backend).
+//   t + 2T, ... where T = gridDim.x * blockDim.x. Each thread reads its whole row twice (2E
+//   values: once for the max, once for the sum) and finds both itself. That repeats work
+//   across a row, but it keeps every thread independent: no shared memory, no __syncthreads,
+//   no atomics, so results are deterministic and a CPU can run the threads one after another
+//   (the emulate backend).
 //
 // Layout
 //   gate_logits, gate_probs, grad_probs, grad_logits: (B, E), row-major and contiguous.

@@ -236,3 +236,37 @@ def test_kernels_without_a_compiler(capsys, monkeypatch, tmp_path):
     printed = capsys.readouterr().out
     assert "emulate    unavailable: the emulate backend compiles" in printed
     assert "all checks passed on: reference." in printed
+
+
+def test_kernels_with_a_compiler_that_fails(capsys, monkeypatch, tmp_path):
+    import shutil
+
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no false program on the PATH")
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", false)
+    assert main(["kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"emulate    unavailable: the C++ compiler {false} (from $CXX) cannot "
+            "build the kernels") in printed
+    assert "exit status 1" in printed
+    assert "all checks passed on: reference." in printed
+
+
+def test_kernels_prints_the_cache_in_use(capsys, monkeypatch, tmp_path):
+    from dmoe_edu.ops import emulate
+
+    if emulate.status() is not None:
+        pytest.skip(f"emulate backend unavailable: {emulate.status()}")
+    # A cache below a plain file cannot be created: the command must name the
+    # private folder the kernels really go to, not the one asked for.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="cannot be written"):
+        assert main(["kernels"]) == 0
+    printed = capsys.readouterr().out
+    used = emulate.cache_dir()
+    assert not used.is_relative_to(blocker)
+    assert f"cache {used})" in printed and str(blocker) not in printed

@@ -154,3 +154,56 @@ def test_side_stream_work_is_ordered():
 def test_self_check_passes():
     checks = check_backend("cupy")
     assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
+
+
+def test_degenerate_rows_and_row_masks():
+    # Masked experts are exactly 0 even in a row whose allowed logits are all -inf;
+    # a (1, E) mask broadcasts like an (E,) one.
+    inf = float("inf")
+    logits = torch.tensor([[-inf, -inf, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]], device=CUDA)
+    mask = torch.tensor([[True, True, False, False], [True, False, True, True]],
+                        device=CUDA)
+    probs = on_cupy(ops.softmax_gate, logits, mask)
+    torch.testing.assert_close(probs, reference.softmax_gate(logits, mask),
+                               equal_nan=True)
+    assert (probs[~mask] == 0).all()
+    row = mask[1:]
+    torch.testing.assert_close(on_cupy(ops.softmax_gate, logits[1:].expand(3, 4), row),
+                               reference.softmax_gate(logits[1:].expand(3, 4), row))
+
+
+def test_second_derivatives_raise():
+    logits = torch.randn(4, 3, device=CUDA, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cupy"):
+        probs = ops.softmax_gate(logits)
+        (grad,) = torch.autograd.grad(probs[:, 0].sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="cupy backend's backward of softmax_gate "
+                                           "is first order only"):
+        torch.autograd.grad(grad.sum(), logits)
+
+
+def test_raw_module_takes_any_numpy_scalar_of_the_right_width():
+    code = """
+    extern "C" __global__ void __launch_bounds__(64) fill(long long x[], long long n,
+                                                          int v) {
+        long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) x[i] = v;
+    }"""
+    out = torch.zeros(5, dtype=torch.int64, device=CUDA)
+    cupy_backend.RawModule(code.encode()).get_function("fill")(
+        (1,), (8,), (out, np.longlong(5), np.intc(7)))
+    assert out.tolist() == [7] * 5
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_kernels_eagerly():
+    dynamo = pytest.importorskip("torch._dynamo")
+    dynamo.reset()
+    logits = torch.randn(8, 4, device=CUDA, requires_grad=True)
+    expert_out = torch.randn(8, 4, 3, device=CUDA)
+    compiled = torch.compile(lambda a, b: ops.combine(ops.softmax_gate(a), b))
+    with ops.use_backend("cupy"):
+        got = compiled(logits, expert_out)
+    want = reference.combine(reference.softmax_gate(logits), expert_out)
+    torch.testing.assert_close(got, want)
+    dynamo.reset()

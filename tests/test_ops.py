@@ -1,5 +1,7 @@
 """The ops contract: softmax_gate and combine against naive references."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -69,6 +71,29 @@ def test_softmax_gate_broadcasts_an_expert_mask():
     expected = torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]).expand(3, 4)
     torch.testing.assert_close(probs, expected)
 
+    # A (1, E) mask broadcasts the same way.
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    row = torch.tensor([[True, False, True, True]])
+    probs = ops.softmax_gate(logits, row)
+    torch.testing.assert_close(probs, naive_softmax_gate(logits, row.expand(5, 4)))
+
+
+def test_a_mask_that_empties_rows_names_the_first():
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[2] = mask[4] = False
+    with pytest.raises(ValueError, match=r"leaves row 2 with no expert \(2 of 6 rows"):
+        ops.softmax_gate(torch.zeros(6, 3), mask)
+
+
+def test_masked_experts_stay_zero_in_a_row_without_finite_logits():
+    # Every allowed logit -inf: the allowed experts are NaN (0/0), the masked ones
+    # still exactly 0, as the contract says.
+    logits = torch.tensor([[float("-inf"), float("-inf"), 2.0, 0.0]])
+    mask = torch.tensor([True, True, False, False])
+    probs = ops.softmax_gate(logits, mask)
+    assert probs[0, :2].isnan().all()
+    assert probs[0, 2:].tolist() == [0.0, 0.0]
+
 
 @settings(max_examples=30, deadline=None)
 @given(B=st.integers(1, 30), E=st.integers(1, 8), H=st.integers(1, 50),
@@ -133,3 +158,33 @@ def test_use_backend_restores_the_previous_backend():
         assert ops.get_backend() == "reference"
     assert ops.get_backend() == before
     assert "reference" in ops.available_backends()
+
+
+def test_use_backend_changes_nothing_in_other_threads():
+    # Thread a holds a use_backend block open; thread b, outside any block, must
+    # still see the process default, and blocks that overlap in time restore each
+    # thread's own previous choice.
+    entered, done_b, seen = threading.Event(), threading.Event(), {}
+
+    def a():
+        with ops.use_backend("reference"):
+            entered.set()
+            done_b.wait(10)
+            seen["a inside"] = ops.get_backend()
+        seen["a after"] = ops.get_backend()
+
+    def b():
+        entered.wait(10)
+        seen["b"] = ops.get_backend()
+        with ops.use_backend("auto"):
+            seen["b inside"] = ops.get_backend()
+        done_b.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"a inside": "reference", "a after": "auto", "b": "auto",
+                    "b inside": "auto"}
+    assert ops.get_backend() == "auto"

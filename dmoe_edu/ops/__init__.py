@@ -15,26 +15,30 @@ Backends:
   compiler and run one thread at a time, so the kernels run (slowly) without a GPU.
 
 By default (``"auto"``) CUDA tensors go to ``cupy`` when CuPy works here, and
-everything else to ``reference``. Choose one backend for every call with
-:func:`set_backend`, or for a block of code with :func:`use_backend`;
-:func:`backend_status` says which can run here and why not.
+everything else to ``reference``. Choose the process-wide default with
+:func:`set_backend`, or a backend for one block of code with :func:`use_backend`
+(context-local: it changes nothing in other threads); :func:`backend_status` says
+which can run here and why not.
 
-Every backend meets one contract, tested against ``reference``. The kernel backends
-copy non-contiguous inputs to contiguous ones and refuse tensors on a device they
-cannot reach (``emulate``: CPU only; ``cupy``: CUDA only). Their backward is
-first-order only (no ``create_graph=True`` through them).
+Every backend meets one contract, tested against ``reference``, and checks its
+inputs the same way (:mod:`dmoe_edu.ops.contract`), also when called directly as
+``dmoe_edu.ops.emulate.softmax_gate``. The kernel backends copy non-contiguous
+inputs to contiguous ones and refuse tensors on a device they cannot reach
+(``emulate``: CPU only; ``cupy``: CUDA only). Their backward is first-order only: a
+second derivative through them raises a ``RuntimeError``. Under ``torch.compile``
+they run eagerly (a graph break).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import contextvars
 from collections.abc import Callable, Iterator
 
-import torch
 from torch import Tensor
 
 from . import cupy_backend, emulate, reference
+from .kernels import warn_user
 
 BACKENDS = ("reference", "emulate", "cupy")
 
@@ -43,7 +47,15 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "emulate": (emulate.softmax_gate, emulate.combine),
     "cupy": (cupy_backend.softmax_gate, cupy_backend.combine),
 }
-_active = "auto"
+# The process-wide default (set_backend), and the context-local choice of a
+# use_backend block (None outside every block). _override_used stays False until the
+# first use_backend, so that torch.compile can trace get_backend until then (Dynamo
+# breaks the graph at ContextVar.get).
+_default = "auto"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dmoe_edu_ops_backend", default=None
+)
+_override_used = False
 _warned_no_cupy = False
 
 
@@ -67,42 +79,71 @@ def available_backends() -> list[str]:
 
 
 def get_backend() -> str:
-    """The backend setting now: ``"auto"`` (the default) or a backend's name."""
-    return _active
+    """The backend setting here: ``"auto"`` (the default) or a backend's name.
+
+    Inside a :func:`use_backend` block, that block's backend; elsewhere the process
+    default of :func:`set_backend`.
+    """
+    if _override_used:
+        name = _override.get()
+        if name is not None:
+            return name
+    return _default
+
+
+def _check_backend(name: str) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"unknown ops backend {name!r}; expected 'auto' or one of {list(BACKENDS)}"
+        )
+    if name == "auto":
+        return
+    reason = {"reference": lambda: None, "emulate": emulate.status,
+              "cupy": cupy_backend.status}[name]()
+    if reason:
+        raise RuntimeError(f"the {name} backend cannot run here: {reason}")
 
 
 def set_backend(name: str) -> None:
-    """Send every later op call to the backend ``name`` (or ``"auto"``).
+    """Make ``name`` (or ``"auto"``) the backend of every later op call, process-wide.
+
+    Every thread uses it, except inside a :func:`use_backend` block, whose choice
+    wins for as long as the block runs.
 
     Raises:
         ValueError: if ``name`` is not ``"auto"`` or one of :data:`BACKENDS`.
         RuntimeError: if that backend cannot run here; the message says why.
     """
-    global _active
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(
-            f"unknown ops backend {name!r}; expected 'auto' or one of {list(BACKENDS)}"
-        )
-    reason = backend_status()[name] if name != "auto" else None
-    if reason:
-        raise RuntimeError(f"the {name} backend cannot run here: {reason}")
-    _active = name
+    global _default
+    _check_backend(name)
+    _default = name
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run a block of code on the backend ``name``, then restore the previous one.
 
+    The choice is context-local (a :mod:`contextvars` variable): it holds in this
+    thread (and asyncio task) only. Other threads, including threads started inside
+    the block, keep the process default of :func:`set_backend`, and blocks in two
+    threads never undo each other's choice.
+
+    Raises:
+        ValueError: if ``name`` is not ``"auto"`` or one of :data:`BACKENDS`.
+        RuntimeError: if that backend cannot run here; the message says why.
+
     Example:
         >>> with use_backend("reference"):
         ...     probs = softmax_gate(torch.zeros(2, 4))
     """
-    previous = get_backend()
-    set_backend(name)
+    global _override_used
+    _check_backend(name)
+    _override_used = True
+    token = _override.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
 def resolve_backend(tensor: Tensor) -> str:
@@ -113,17 +154,17 @@ def resolve_backend(tensor: Tensor) -> str:
         'reference'
     """
     global _warned_no_cupy
-    if _active != "auto":
-        return _active
-    if tensor.is_cuda:
+    active = get_backend()
+    if active != "auto":
+        return active
+    if isinstance(tensor, Tensor) and tensor.is_cuda:
         reason = cupy_backend.status()
         if reason is None:
             return "cupy"
         if not _warned_no_cupy:
-            warnings.warn(
+            warn_user(
                 f"CuPy unavailable ({reason}); the ops run on the torch reference",
                 RuntimeWarning,
-                stacklevel=3,
             )
             _warned_no_cupy = True
     return "reference"
@@ -145,8 +186,9 @@ def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Shape:
         - gate_logits: ``(B, E)``, float32 or float64.
-        - mask: ``(B, E)`` or ``(E,)`` (broadcast over the batch).
-        - Output: ``(B, E)``, rows sum to 1.
+        - mask: ``(B, E)``, or ``(1, E)`` or ``(E,)`` (broadcast over the batch).
+        - Output: ``(B, E)``, rows sum to 1. A row whose allowed logits are all
+          ``-inf`` (or hold a NaN) is NaN on its allowed experts, 0 on the masked.
 
     Returns:
         The gate probabilities ``gate_probs``.
@@ -156,18 +198,6 @@ def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
         ...              mask=torch.tensor([True, False, True]))
         tensor([[0.5000, 0.0000, 0.5000]])
     """
-    _check_floating("gate_logits", gate_logits, ndim=2)
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask.shape not in (gate_logits.shape, gate_logits.shape[1:]):
-            raise ValueError(
-                f"mask shape must be (B, E) = {tuple(gate_logits.shape)} or (E,) = "
-                f"{tuple(gate_logits.shape[1:])}, got {tuple(mask.shape)}"
-            )
-        mask = mask.expand_as(gate_logits).to(gate_logits.device)
-        if gate_logits.shape[0] and not bool(mask.any(dim=1).all()):
-            raise ValueError("mask leaves a row with no expert; keep at least one")
     return _IMPLEMENTATIONS[resolve_backend(gate_logits)][0](gate_logits, mask)
 
 
@@ -192,35 +222,7 @@ def combine(gate_probs: Tensor, expert_out: Tensor) -> Tensor:
         >>> combine(torch.tensor([[0.25, 0.75]]), torch.ones(1, 2, 3))
         tensor([[1., 1., 1.]])
     """
-    _check_floating("gate_probs", gate_probs, ndim=2)
-    _check_floating("expert_out", expert_out, ndim=3)
-    if expert_out.shape[:2] != gate_probs.shape:
-        raise ValueError(
-            f"expert_out must be (B, E, H) with (B, E) = {tuple(gate_probs.shape)}, "
-            f"got {tuple(expert_out.shape)}"
-        )
-    if expert_out.device != gate_probs.device:
-        raise ValueError(
-            f"gate_probs and expert_out must be on one device, got {gate_probs.device} "
-            f"and {expert_out.device}"
-        )
-    if expert_out.dtype != gate_probs.dtype:
-        raise TypeError(
-            f"gate_probs and expert_out must share a dtype, got {gate_probs.dtype} "
-            f"and {expert_out.dtype}"
-        )
     return _IMPLEMENTATIONS[resolve_backend(gate_probs)][1](gate_probs, expert_out)
-
-
-def _check_floating(name: str, tensor: Tensor, ndim: int) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}"
-        )
-    if tensor.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {tensor.dtype}")
 
 
 __all__ = [

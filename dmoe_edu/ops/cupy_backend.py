@@ -7,6 +7,10 @@ PyTorch's current stream of the tensors' device, so kernels are ordered with the
 work around them, side streams included. Every argument is checked first
 (:class:`dmoe_edu.ops.kernels.Kernel`); an empty input returns before any launch.
 
+:class:`RawModule` compiles a CUDA source of your own the same way and has the
+interface of :class:`dmoe_edu.ops.emulate.RawModule`, so one launch line runs a
+kernel on the GPU here and on the CPU there.
+
 CuPy is imported only when this backend is first used, so ``import dmoe_edu`` never
 needs it. Install it with the package's ``gpu`` extra (``pip install
 'dmoe-edu[gpu]'``, CUDA 12 wheels).
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .contract import check_combine, check_softmax_gate
 from .kernels import (
     Kernel,
     KernelBackend,
@@ -30,6 +35,7 @@ from .kernels import (
     kernel_softmax_gate,
     kernel_source,
     package_kernels,
+    parse_kernels,
 )
 
 # Blocks per multiprocessor when the work is large: enough to keep every SM busy
@@ -39,7 +45,16 @@ BLOCKS_PER_SM = 32
 
 @functools.cache
 def status() -> str | None:
-    """``None`` if the cupy backend can run here, else the reason it cannot."""
+    """``None`` if the cupy backend can run here, else the reason it cannot.
+
+    Checked once per process: a CUDA device for PyTorch, CuPy, a CUDA device for
+    CuPy, and NVRTC (the compiler CuPy builds the kernels with), which a CUDA
+    toolkit or the ``nvidia-cuda-nvrtc-cu12`` wheel of the ``gpu`` extra provides.
+    """
+    return _status()
+
+
+def _status() -> str | None:
     if not torch.cuda.is_available():
         return "PyTorch sees no CUDA device"
     try:
@@ -52,6 +67,22 @@ def status() -> str | None:
             return "CuPy sees no CUDA device"
     except Exception as exc:
         return f"CuPy cannot reach the CUDA driver ({exc})"
+    return nvrtc_problem()
+
+
+def nvrtc_problem() -> str | None:
+    """Why CuPy cannot load NVRTC, the compiler of the kernels, or ``None`` if it can.
+
+    NVRTC needs no GPU: the tests use it to compile the kernels on any machine.
+    """
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # not installed, or libnvrtc not found
+        return (f"CuPy cannot load NVRTC, the CUDA compiler it builds the kernels "
+                f"with ({type(exc).__name__}: {exc}); pip install "
+                "nvidia-cuda-nvrtc-cu12 (in the gpu extra) or install a CUDA toolkit")
     return None
 
 
@@ -140,25 +171,85 @@ def _multiprocessors(device_index: int) -> int:
 _backend = CupyBackend()
 
 
+class RawModule:
+    """A CUDA C source compiled by NVRTC for the current GPU, run on torch's stream.
+
+    The interface of :class:`dmoe_edu.ops.emulate.RawModule` (and of
+    ``cupy.RawModule``): ``RawModule(code).get_function(name)((grid,), (block,),
+    args)``, with every argument checked against the kernel's C signature first
+    (contiguous CUDA tensors of the right dtype on this GPU; fixed-width numpy
+    scalars) and the launch queued on PyTorch's current stream.
+
+    Args:
+        code: CUDA C source with one or more ``extern "C" __global__`` kernels with
+            one-dimensional grids.
+        name: file name used in compiler messages. Default: ``"module.cu"``.
+
+    Raises:
+        RuntimeError: if the cupy backend cannot run here (the reason is given).
+        ValueError: if the source declares no ``extern "C" __global__`` kernel.
+
+    A source that does not compile raises CuPy's ``CompileException`` at the first
+    :meth:`get_function`, with NVRTC's log.
+    """
+
+    def __init__(self, code: str, name: str = "module.cu"):
+        reason = status()
+        if reason:
+            raise RuntimeError(f"the cupy backend cannot run here: {reason}")
+        self.signatures = parse_kernels(code)
+        if not self.signatures:
+            raise ValueError(
+                f'{name} declares no kernel: expected at least one line like '
+                f'extern "C" __global__ void my_kernel(...)'
+            )
+        import cupy
+
+        self.device_index = torch.cuda.current_device()
+        with cupy.cuda.Device(self.device_index):
+            self._module = cupy.RawModule(code=code)
+        self._kernels: dict[str, CupyKernel] = {}
+
+    def get_function(self, name: str) -> CupyKernel:
+        """The kernel ``name``, ready to call as ``kernel((grid,), (block,), args)``."""
+        if name not in self.signatures:
+            raise KeyError(
+                f"no kernel {name!r} here; kernels: {sorted(self.signatures)}"
+            )
+        if name not in self._kernels:
+            import cupy
+
+            with cupy.cuda.Device(self.device_index):
+                function = self._module.get_function(name)
+            self._kernels[name] = CupyKernel(name, self.signatures[name], function,
+                                             self.device_index)
+        return self._kernels[name]
+
+
 def _require_cuda(*tensors: Tensor) -> None:
     reason = status()
     if reason:
         raise RuntimeError(f"the cupy backend cannot run here: {reason}")
     devices = {t.device for t in tensors}
     if any(d.type != "cuda" for d in devices) or len(devices) > 1:
+        hint = ("use 'reference' or 'emulate' on the CPU"
+                if {d.type for d in devices} <= {"cpu", "cuda"}
+                else "use 'reference' for other devices")
         raise ValueError(
             "the cupy backend runs on CUDA tensors of one device, got "
-            f"{sorted(map(str, devices))}; use 'reference' or 'emulate' on the CPU"
+            f"{sorted(map(str, devices))}; {hint}"
         )
 
 
 def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """CuPy backend of :func:`dmoe_edu.ops.softmax_gate` (inputs checked)."""
+    mask = check_softmax_gate(gate_logits, mask)
     _require_cuda(gate_logits)
     return kernel_softmax_gate(_backend, gate_logits, mask)
 
 
 def combine(gate_probs: Tensor, expert_out: Tensor) -> Tensor:
     """CuPy backend of :func:`dmoe_edu.ops.combine` (inputs checked)."""
+    check_combine(gate_probs, expert_out)
     _require_cuda(gate_probs, expert_out)
     return kernel_combine(_backend, gate_probs, expert_out)

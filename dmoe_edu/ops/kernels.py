@@ -7,7 +7,8 @@ backends run the very same source: ``cupy`` compiles it for the GPU with NVRTC,
 how a launch reaches the hardware, so everything else lives here, once:
 
 * :func:`kernel_dir`, :func:`kernel_source` and :func:`parse_kernels` find the sources
-  and read each ``extern "C" __global__`` signature;
+  and read each ``extern "C" __global__`` signature; :func:`kernel_header` and
+  :func:`kernel_function` cut a file's opening comment or one function out of it;
 * :class:`Kernel` checks every argument against that signature before a launch
   (CuPy checks nothing: a wrong dtype or a strided view would be read as garbage);
 * :func:`launch_shape` sets the block size and caps the grid, e.g. to show that the
@@ -17,13 +18,21 @@ how a launch reaches the hardware, so everything else lives here, once:
 Non-contiguous inputs to the ops are copied to contiguous ones first
 (``.contiguous()``); :class:`Kernel` itself rejects them, as it rejects wrong dtypes
 and devices.
+
+The ops' backward is first order only: a second derivative through a kernel backend
+(``create_graph=True`` followed by another backward, ``gradgradcheck``) raises a
+``RuntimeError`` that says so. Under ``torch.compile`` the kernel calls run eagerly
+(a graph break), as Dynamo cannot trace a ctypes or CuPy launch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import re
+import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 KERNEL_FILES = ("gating", "combine")
 
@@ -53,7 +61,20 @@ _POINTER_DTYPES = {
     "unsigned char": (torch.uint8, torch.bool),
 }
 _QUALIFIERS = {"const", "__restrict__", "volatile"}
-_ENTRY_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+
+# Comments, and string or character literals (kept, so that "//" inside one stays text).
+_COMMENT_OR_LITERAL_RE = re.compile(
+    r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S
+)
+# Attributes such as __launch_bounds__(256, 2) or __noinline__, up to one nesting level.
+_ATTRIBUTES = r"(?:__\w+__\s*(?:\((?:[^()]|\([^()]*\))*\)\s*)?)*"
+# __global__ void NAME(, with attributes on either side of the return type.
+_KERNEL_RE = re.compile(
+    rf"\b__global__\s+{_ATTRIBUTES}void\s+{_ATTRIBUTES}(?P<name>\w+)\s*\("
+)
+_EXTERN_C_BLOCK_RE = re.compile(r'\bextern\s+"C"\s*\{')
+_EXTERN_C_RE = re.compile(r'\bextern\s+"C"')
+_ARRAY_RE = re.compile(r"^(?P<head>.*?\w)\s*(?P<dims>(?:\[[^\]]*\]\s*)+)$", re.S)
 
 DEFAULT_BLOCK = 256
 
@@ -86,6 +107,115 @@ def kernel_source(name: str) -> str:
     return (kernel_dir() / f"{name}.cu").read_text()
 
 
+def kernel_header(name: str, section: str | None = None) -> str:
+    """The comment that opens ``kernels/<name>.cu``, or one titled section of it.
+
+    Each ``.cu`` file opens with a block of ``//`` lines: a title line, then
+    sections such as ``What it computes``, ``Thread mapping``, ``Layout``,
+    ``Types`` and ``Limits``, each a line ``// Title`` followed by indented
+    lines. The kernels notebook prints them from the files, so what a student
+    reads is always what the compiler reads.
+
+    Args:
+        name: one of :data:`KERNEL_FILES`.
+        section: the title of one section, or ``None`` for the whole header.
+            Default: ``None``.
+
+    Returns:
+        The comment lines, ``//`` included, joined by newlines.
+
+    Raises:
+        ValueError: if ``name`` or ``section`` is unknown (the message lists
+            the sections there are).
+
+    Example:
+        >>> print(kernel_header("combine", "Layout").splitlines()[0])
+        // Layout
+    """
+    header = []
+    for line in kernel_source(name).splitlines():
+        if not line.startswith("//"):
+            break
+        header.append(line)
+    if section is None:
+        return "\n".join(header)
+
+    # A section runs from its "// Title" line to the next blank "//" or title.
+    titles = {}
+    for number, line in enumerate(header[1:], start=1):
+        text = line[2:]
+        if text.startswith(" ") and not text.startswith("  ") and text.strip():
+            titles[text.strip()] = number
+    if section not in titles:
+        raise ValueError(
+            f"{name}.cu has no header section {section!r}; sections: {list(titles)}"
+        )
+    start = end = titles[section]
+    while end + 1 < len(header) and header[end + 1].startswith("//  "):
+        end += 1
+    return "\n".join(header[start:end + 1])
+
+
+_FUNCTION_RE = re.compile(
+    r"^(?:template\s*<[^>\n]*>\s*\n)?[^\n;]*\b(?:__device__|__global__)\b"
+    r"[^\n;(]*?\b(\w+)\s*\(",
+    re.M,
+)
+
+
+def kernel_function(name: str, function: str) -> str:
+    """The definition of one function of ``kernels/<name>.cu``, as the file has it.
+
+    From its ``template`` line (if any) to its closing brace: a ``__device__``
+    helper such as ``softmax_gate_forward``, or an ``extern "C" __global__``
+    entry point such as ``softmax_gate_fwd_f32``.
+
+    Args:
+        name: one of :data:`KERNEL_FILES`.
+        function: the function's name.
+
+    Returns:
+        The function's source text.
+
+    Raises:
+        ValueError: if ``name`` or ``function`` is unknown (the message lists
+            the functions the file defines).
+
+    Example:
+        >>> print(kernel_function("gating", "exp_of").splitlines()[0])
+        __device__ __forceinline__ float exp_of(float x) { return expf(x); }
+    """
+    source = kernel_source(name)
+    for match in _FUNCTION_RE.finditer(source):
+        if match.group(1) == function:
+            return source[match.start():_closing_brace(source, match.end())]
+    found = list(dict.fromkeys(m.group(1) for m in _FUNCTION_RE.finditer(source)))
+    raise ValueError(
+        f"{name}.cu defines no function {function!r}; functions: {found}"
+    )
+
+
+def _closing_brace(source: str, start: int) -> int:
+    # The index just past the brace that closes the first "{" after start; "//"
+    # comments are skipped (the kernels hold no string literals).
+    depth, index = 0, start
+    while index < len(source):
+        if source.startswith("//", index):
+            index = source.find("\n", index)
+            if index < 0:
+                break
+            continue
+        char = source[index]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    raise ValueError(f"unbalanced braces after offset {start}")
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter of a kernel: its C type reduced to what a launch must pass."""
@@ -98,16 +228,22 @@ class Param:
         return f"{self.base}{'*' if self.pointer else ''} {self.name}"
 
 
-def parse_kernels(source: str) -> dict[str, tuple[Param, ...]]:
+def parse_kernels(source: str | bytes) -> dict[str, tuple[Param, ...]]:
     """Read every ``extern "C" __global__`` kernel of a CUDA source and its parameters.
 
+    Kernels count when declared ``extern "C" __global__ void name(...)`` or inside an
+    ``extern "C" { ... }`` block; comments, ``__launch_bounds__(...)`` and other
+    ``__attribute__``-style words around ``void`` are skipped. A parameter ``float x[]``
+    is a pointer, as C reads it; ``k(void)`` takes no parameter.
+
     Args:
-        source: CUDA C source text.
+        source: CUDA C source text (``bytes`` are read as UTF-8).
 
     Returns:
         Kernel name to its parameters, in declaration order.
 
     Raises:
+        TypeError: if ``source`` is neither ``str`` nor ``bytes``.
         ValueError: if a parameter has a type a launch cannot pass (for example a
             struct, or a pointer to pointer).
 
@@ -117,22 +253,102 @@ def parse_kernels(source: str) -> dict[str, tuple[Param, ...]]:
         >>> [p.describe() for p in sig["k"]]
         ['float* x', 'int n']
     """
+    code = _strip_comments(_as_text(source))
+    blocks = _extern_c_blocks(code)
     kernels = {}
-    for match in _ENTRY_RE.finditer(source):
-        name, param_text = match.group(1), match.group(2)
-        params = []
-        for raw in filter(None, (p.strip() for p in param_text.split(","))):
-            params.append(_parse_param(name, raw))
-        kernels[name] = tuple(params)
+    for match in _KERNEL_RE.finditer(code):
+        if not _is_extern_c(code, match.start(), blocks):
+            continue  # C++ linkage: a mangled name no launcher can find
+        name = match.group("name")
+        param_text = _balanced(code, match.end() - 1)
+        if param_text is None:
+            raise ValueError(f"kernel {name}: its parameter list is not closed")
+        raw_params = [p.strip() for p in _split_top_level(param_text)]
+        if raw_params in ([""], ["void"]):
+            raw_params = []
+        kernels[name] = tuple(_parse_param(name, raw) for raw in raw_params)
     return kernels
 
 
+def _as_text(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source).decode("utf-8")
+    if not isinstance(source, str):
+        raise TypeError(
+            f"CUDA source must be str or bytes, got {type(source).__name__}"
+        )
+    return source
+
+
+def _strip_comments(code: str) -> str:
+    # Comments become a space; a literal keeps its quotes and word characters only, so
+    # that braces or parentheses inside it cannot confuse the scans below.
+    def replace(match: re.Match) -> str:
+        text = match.group()
+        if text.startswith("/"):
+            return " " + "\n" * text.count("\n")
+        return text[0] + re.sub(r"\W", "_", text[1:-1]) + text[-1]
+
+    return _COMMENT_OR_LITERAL_RE.sub(replace, code)
+
+
+def _balanced(code: str, open_at: int) -> str | None:
+    # The text between the parenthesis at open_at and its matching close.
+    depth = 0
+    for i in range(open_at, len(code)):
+        depth += {"(": 1, ")": -1}.get(code[i], 0)
+        if depth == 0:
+            return code[open_at + 1 : i]
+    return None
+
+
+def _split_top_level(text: str) -> list[str]:
+    # Split at commas outside any parentheses or brackets.
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _extern_c_blocks(code: str) -> list[tuple[int, int]]:
+    # (start, end) of every extern "C" { ... } block.
+    blocks = []
+    for match in _EXTERN_C_BLOCK_RE.finditer(code):
+        depth = 0
+        for i in range(match.end() - 1, len(code)):
+            depth += {"{": 1, "}": -1}.get(code[i], 0)
+            if depth == 0:
+                blocks.append((match.end(), i))
+                break
+    return blocks
+
+
+def _is_extern_c(code: str, at: int, blocks: list[tuple[int, int]]) -> bool:
+    if any(start <= at < end for start, end in blocks):
+        return True
+    # Else extern "C" must open this declaration: after the last ; { or } before it.
+    start = max(code.rfind(c, 0, at) for c in ";{}") + 1
+    return bool(_EXTERN_C_RE.search(code, start, at))
+
+
 def _parse_param(kernel: str, raw: str) -> Param:
-    # "const float* __restrict__ gate_probs" -> base "float", pointer, name "gate_probs"
+    # "const float* __restrict__ probs" -> base "float", pointer, name "probs";
+    # "float x[]" and "float x[8]" are pointers too, as C reads a parameter.
     stars = raw.count("*")
-    words = [w for w in raw.replace("*", " ").split() if w not in _QUALIFIERS]
+    declarator = raw
+    array = _ARRAY_RE.match(raw)
+    if array:
+        stars += array.group("dims").count("[")
+        declarator = array.group("head")
+    words = [w for w in declarator.replace("*", " ").split() if w not in _QUALIFIERS]
     if len(words) < 2:
-        raise ValueError(f"kernel {kernel}: cannot read parameter {raw!r}")
+        raise ValueError(
+            f"kernel {kernel}: cannot read parameter {raw!r}; expected a type and a "
+            f"name, like 'const float* x' or 'long long n'"
+        )
     base, name = " ".join(words[:-1]), words[-1]
     known = _POINTER_DTYPES if stars == 1 else _SCALAR_TYPES
     if stars > 1 or base not in known:
@@ -153,13 +369,25 @@ def package_kernels(name: str) -> dict[str, tuple[Param, ...]]:
 # --------------------------------------------------------------------------- launches
 
 
-@dataclass
-class _LaunchShape:
+@dataclass(frozen=True)
+class LaunchShape:
+    """Threads per block and the cap on blocks that the package's launches use."""
+
     block: int = DEFAULT_BLOCK
     max_blocks: int | None = None
 
 
-_shape = _LaunchShape()
+# Context-local, like the backend choice: a launch_shape block in one thread (or asyncio
+# task) leaves every other one alone.
+_shape: contextvars.ContextVar[LaunchShape | None] = contextvars.ContextVar(
+    "dmoe_edu_launch_shape", default=None
+)
+_DEFAULT_SHAPE = LaunchShape()
+
+
+def current_launch_shape() -> LaunchShape:
+    """The :class:`LaunchShape` in effect here (set by :func:`launch_shape`)."""
+    return _shape.get() or _DEFAULT_SHAPE
 
 
 @contextlib.contextmanager
@@ -171,37 +399,70 @@ def launch_shape(block: int = DEFAULT_BLOCK, max_blocks: int | None = None) -> I
     and the kernels notebook use this to show it. Outside the block, launches use
     256 threads and as many blocks as the work needs (capped per backend).
 
+    The setting is context-local: it holds in this thread (and asyncio task) only,
+    other threads keep theirs. An op's backward launches with the shape that was in
+    effect at its forward, wherever autograd runs it.
+
     Args:
-        block: threads per block, 1 to 1024. Default: 256.
-        max_blocks: cap on the number of blocks; ``None`` for the backend's default.
+        block: threads per block, an integer from 1 to 1024. Default: 256.
+        max_blocks: cap on the number of blocks, an integer >= 1; ``None`` for the
+            backend's default.
+
+    Raises:
+        TypeError: if ``block`` or ``max_blocks`` is not an integer.
+        ValueError: if either is out of range.
 
     Example:
         >>> with launch_shape(block=32, max_blocks=2):
         ...     pass  # 64 threads in all, however large the tensors
     """
-    if not 1 <= int(block) <= 1024:
-        raise ValueError(f"block must be 1 to 1024 threads, got {block}")
-    if max_blocks is not None and int(max_blocks) < 1:
-        raise ValueError(f"max_blocks must be >= 1 or None, got {max_blocks}")
-    global _shape
-    previous = _shape
-    _shape = _LaunchShape(int(block), None if max_blocks is None else int(max_blocks))
+    block = _integer("launch_shape: block", block)
+    if not 1 <= block <= 1024:
+        raise ValueError(f"launch_shape: block must be 1 to 1024 threads, got {block}")
+    if max_blocks is not None:
+        max_blocks = _integer("launch_shape: max_blocks", max_blocks)
+        if max_blocks < 1:
+            raise ValueError(
+                f"launch_shape: max_blocks must be >= 1 or None, got {max_blocks}"
+            )
+    token = _shape.set(LaunchShape(block, max_blocks))
     try:
         yield
     finally:
-        _shape = previous
+        _shape.reset(token)
 
 
-def grid_for(work: int, default_max_blocks: int) -> tuple[int, int]:
+def grid_for(work: int, default_max_blocks: int,
+             shape: LaunchShape | None = None) -> tuple[int, int]:
     """``(grid, block)`` for ``work`` output elements under :func:`launch_shape`.
+
+    Args:
+        work: number of output elements, one per thread.
+        default_max_blocks: the backend's cap when ``launch_shape`` sets none.
+        shape: the launch shape to use. Default: the one in effect here.
 
     Example:
         >>> grid_for(1000, default_max_blocks=2)
         (2, 256)
     """
-    block = _shape.block
-    cap = _shape.max_blocks or default_max_blocks
-    return max(1, min(-(-work // block), cap)), block
+    shape = shape or current_launch_shape()
+    cap = shape.max_blocks or default_max_blocks
+    return max(1, min(-(-work // shape.block), cap)), shape.block
+
+
+def _integer(what: str, value) -> int:
+    # An int or a NumPy integer; never a bool, a float (2.5) or a string ("2").
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__} "
+                        f"{value!r}")
+    return int(value)
+
+
+def _describe(value) -> str:
+    # "int 10", or "np.longdouble 2.0 (float128)" for a NumPy scalar.
+    if isinstance(value, np.generic):
+        return f"np.{type(value).__name__} {value.item()!r} ({value.dtype})"
+    return f"{type(value).__name__} {value!r}"
 
 
 class Kernel:
@@ -220,9 +481,12 @@ class Kernel:
       (``float`` - float32, ``double`` - float64, ``unsigned char`` - uint8 or bool,
       ``int`` - int32, ``long long`` - int64) on the backend's device, or ``None`` for
       a null pointer;
-    * a scalar parameter takes the numpy scalar of exactly its width (``long long`` -
-      ``np.int64``, ``int`` - ``np.int32``, ``float`` - ``np.float32``, ...), never a
-      Python number, whose width the kernel could not know.
+    * a scalar parameter takes a NumPy scalar of exactly its width and signedness
+      (``long long`` - ``np.int64`` or ``np.longlong``, ``int`` - ``np.int32`` or
+      ``np.intc``, ``float`` - ``np.float32``, ...), never a Python number, whose
+      width the kernel could not know;
+    * grid and block sizes are integers (``int`` or NumPy), one-dimensional:
+      ``(n,)``, ``n`` or ``(n, 1, 1)``.
     """
 
     def __init__(self, name: str, params: Sequence[Param]):
@@ -235,8 +499,7 @@ class Kernel:
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: Sequence):
         grid_x, block_x = _check_dims(self.name, grid, block)
-        self._check_args(args)
-        self._launch(grid_x, block_x, tuple(args))
+        self._launch(grid_x, block_x, self._check_args(args))
 
     def _check_device(self, param: Param, tensor: Tensor) -> None:
         raise NotImplementedError
@@ -244,34 +507,50 @@ class Kernel:
     def _launch(self, grid: int, block: int, args: tuple) -> None:
         raise NotImplementedError
 
-    def _check_args(self, args: Sequence) -> None:
+    def _check_args(self, args: Sequence) -> tuple:
+        # The checked arguments, scalars converted to the canonical NumPy type of their
+        # C type (np.longlong(10) -> np.int64(10)): what every backend's launch expects.
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"{self.name}: args must be a tuple or list, got "
+                            f"{type(args).__name__}")
         if len(args) != len(self.params):
             raise TypeError(
                 f"{self.name} takes {len(self.params)} arguments "
                 f"({', '.join(p.describe() for p in self.params)}), got {len(args)}"
             )
+        checked = []
         for param, value in zip(self.params, args):
             where = f"{self.name}: argument {param.name!r} ({param.describe()})"
             if param.pointer:
-                if value is None:
-                    continue
-                if not isinstance(value, Tensor):
-                    raise TypeError(f"{where} must be a tensor or None, got "
-                                    f"{type(value).__name__}")
-                allowed = _POINTER_DTYPES[param.base]
-                if value.dtype not in allowed:
-                    names = " or ".join(map(str, allowed))
-                    raise TypeError(f"{where} must have dtype {names}, "
-                                    f"got {value.dtype}")
-                if not value.is_contiguous():
-                    raise ValueError(f"{where} must be contiguous, got strides "
-                                     f"{value.stride()} for shape {tuple(value.shape)}")
-                self._check_device(param, value)
-            else:
-                expected = _SCALAR_TYPES[param.base]
-                if type(value) is not expected:
-                    raise TypeError(f"{where} must be np.{expected.__name__}, got "
-                                    f"{type(value).__name__} {value!r}")
+                if value is not None:
+                    self._check_pointer(where, param, value)
+                checked.append(value)
+                continue
+            expected = np.dtype(_SCALAR_TYPES[param.base])
+            if not (isinstance(value, np.generic) and value.dtype == expected):
+                raise TypeError(
+                    f"{where} must be a NumPy scalar of {expected.itemsize * 8}-bit "
+                    f"{_KIND_NAMES[expected.kind]} type, like np.{expected.name}(...); "
+                    f"got {_describe(value)}"
+                )
+            checked.append(expected.type(value))
+        return tuple(checked)
+
+    def _check_pointer(self, where: str, param: Param, value) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where} must be a tensor or None, got "
+                            f"{type(value).__name__}")
+        allowed = _POINTER_DTYPES[param.base]
+        if value.dtype not in allowed:
+            names = " or ".join(map(str, allowed))
+            raise TypeError(f"{where} must have dtype {names}, got {value.dtype}")
+        if not value.is_contiguous():
+            raise ValueError(f"{where} must be contiguous, got strides "
+                             f"{value.stride()} for shape {tuple(value.shape)}")
+        self._check_device(param, value)
+
+
+_KIND_NAMES = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}
 
 
 def _check_dims(name: str, grid, block) -> tuple[int, int]:
@@ -279,13 +558,26 @@ def _check_dims(name: str, grid, block) -> tuple[int, int]:
     dims = []
     for label, dim, limit in (("grid", grid, 2**31 - 1), ("block", block, 1024)):
         dim = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
-        if not dim or any(int(d) != 1 for d in dim[1:]):
+        sizes = [_integer(f"{name}: every {label} size", d) for d in dim]
+        if not sizes or any(d != 1 for d in sizes[1:]):
             raise ValueError(f"{name}: {label} must be one-dimensional, like (n,), "
                              f"got {dim}")
-        if not 1 <= int(dim[0]) <= limit:
-            raise ValueError(f"{name}: {label} size must be 1 to {limit}, got {dim[0]}")
-        dims.append(int(dim[0]))
+        if not 1 <= sizes[0] <= limit:
+            raise ValueError(f"{name}: {label} size must be 1 to {limit}, "
+                             f"got {sizes[0]}")
+        dims.append(sizes[0])
     return dims[0], dims[1]
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn``, attributed to the first caller outside this package (and
+    outside torch and contextlib), so that the warning points at the user's code."""
+    skip = (str(Path(__file__).resolve().parent.parent),
+            str(Path(torch.__file__).parent), contextlib.__file__)
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 # --------------------------------------------------------------------------- the ops
@@ -303,10 +595,11 @@ class KernelBackend:
     def max_blocks(self, device: torch.device) -> int:
         raise NotImplementedError
 
-    def launch(self, file: str, name: str, work: int, args: Sequence) -> None:
+    def launch(self, file: str, name: str, work: int, args: Sequence,
+               shape: LaunchShape | None = None) -> None:
         """Launch ``file``'s kernel ``name`` over ``work`` output elements."""
         device = next(a.device for a in args if isinstance(a, Tensor))
-        grid, block = grid_for(work, self.max_blocks(device))
+        grid, block = grid_for(work, self.max_blocks(device), shape)
         self.kernel(file, name, device)((grid,), (block,), args)
 
 
@@ -326,6 +619,21 @@ def _mask_operand(mask: Tensor | None, num_experts: int) -> tuple[Tensor | None,
     return mask.contiguous(), num_experts
 
 
+def _no_second_derivative(backend: str, op: str):
+    return RuntimeError(
+        f"the {backend} backend's backward of {op} is first order only: a second "
+        f"derivative (create_graph=True then another backward, gradgradcheck, a "
+        f"Hessian) needs the 'reference' backend, e.g. inside "
+        f"ops.use_backend('reference')"
+    )
+
+
+# Each op is two autograd Functions: the op, whose backward calls the second, and that
+# backward as a Function of its own, whose backward raises. (once_differentiable is not
+# enough: its error node hangs off detached copies, so torch.autograd.grad with explicit
+# inputs, as gradgradcheck calls it, never reaches it and returns zeros silently.)
+
+
 class _KernelSoftmaxGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_logits: Tensor, mask: Tensor | None, backend: KernelBackend):
@@ -333,31 +641,45 @@ class _KernelSoftmaxGate(torch.autograd.Function):
         gate_logits = gate_logits.contiguous()
         gate_probs = gate_logits.new_empty((B, E))
         mask_bytes, mask_row_stride = _mask_operand(mask, E)
+        shape = current_launch_shape()
 
         # One thread per (b, e); nothing to launch for an empty batch.
         if B * E:
             backend.launch(
                 "gating", f"softmax_gate_fwd_{_suffix(gate_logits.dtype)}", B * E,
                 (gate_logits, mask_bytes, np.int64(mask_row_stride), gate_probs,
-                 np.int64(B), np.int64(E)),
+                 np.int64(B), np.int64(E)), shape,
             )
-        ctx.backend = backend
+        ctx.backend, ctx.shape = backend, shape
         ctx.save_for_backward(gate_probs)
         return gate_probs
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_probs: Tensor):
         (gate_probs,) = ctx.saved_tensors
+        grad_logits = _KernelSoftmaxGateBackward.apply(gate_probs, grad_probs,
+                                                       ctx.backend, ctx.shape)
+        return grad_logits, None, None
+
+
+class _KernelSoftmaxGateBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_probs: Tensor, grad_probs: Tensor, backend: KernelBackend,
+                shape: LaunchShape):
         B, E = gate_probs.shape
         grad_probs = grad_probs.contiguous()
         grad_logits = gate_probs.new_empty((B, E))
         if B * E:
-            ctx.backend.launch(
+            backend.launch(
                 "gating", f"softmax_gate_bwd_{_suffix(gate_probs.dtype)}", B * E,
-                (gate_probs, grad_probs, grad_logits, np.int64(B), np.int64(E)),
+                (gate_probs, grad_probs, grad_logits, np.int64(B), np.int64(E)), shape,
             )
-        return grad_logits, None, None
+        ctx.backend_name = backend.name
+        return grad_logits
+
+    @staticmethod
+    def backward(ctx, grad_grad_logits: Tensor):
+        raise _no_second_derivative(ctx.backend_name, "softmax_gate")
 
 
 class _KernelCombine(torch.autograd.Function):
@@ -367,6 +689,7 @@ class _KernelCombine(torch.autograd.Function):
         gate_probs = gate_probs.contiguous()
         expert_out = expert_out.contiguous()
         mixed = expert_out.new_empty((B, H))
+        shape = current_launch_shape()
 
         # One thread per (b, h); an empty expert count mixes nothing into zeros.
         if B * H and not E:
@@ -375,15 +698,26 @@ class _KernelCombine(torch.autograd.Function):
             backend.launch(
                 "combine", f"combine_fwd_{_suffix(mixed.dtype)}", B * H,
                 (gate_probs, expert_out, mixed, np.int64(B), np.int64(E), np.int64(H)),
+                shape,
             )
-        ctx.backend = backend
+        ctx.backend, ctx.shape = backend, shape
         ctx.save_for_backward(gate_probs, expert_out)
         return mixed
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_mixed: Tensor):
         gate_probs, expert_out = ctx.saved_tensors
+        grad_gates, grad_expert = _KernelCombineBackward.apply(
+            gate_probs, expert_out, grad_mixed, ctx.needs_input_grad[:2], ctx.backend,
+            ctx.shape,
+        )
+        return grad_gates, grad_expert, None
+
+
+class _KernelCombineBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_probs: Tensor, expert_out: Tensor, grad_mixed: Tensor,
+                needed: tuple[bool, bool], backend: KernelBackend, shape: LaunchShape):
         B, E, H = expert_out.shape
         grad_mixed = grad_mixed.contiguous()
         sizes = (np.int64(B), np.int64(E), np.int64(H))
@@ -391,28 +725,41 @@ class _KernelCombine(torch.autograd.Function):
         grad_gates = grad_expert = None
 
         # d gate_probs: one thread per (b, e), each a dot product over H.
-        if ctx.needs_input_grad[0]:
+        if needed[0]:
             grad_gates = gate_probs.new_zeros((B, E))
             if B * E and H:
-                ctx.backend.launch("combine", f"combine_bwd_gates_{suffix}", B * E,
-                                   (expert_out, grad_mixed, grad_gates, *sizes))
+                backend.launch("combine", f"combine_bwd_gates_{suffix}", B * E,
+                               (expert_out, grad_mixed, grad_gates, *sizes), shape)
 
         # d expert_out: one thread per (b, e, h), each a single product.
-        if ctx.needs_input_grad[1]:
+        if needed[1]:
             grad_expert = expert_out.new_empty((B, E, H))
             if B * E * H:
-                ctx.backend.launch("combine", f"combine_bwd_expert_{suffix}", B * E * H,
-                                   (gate_probs, grad_mixed, grad_expert, *sizes))
-        return grad_gates, grad_expert, None
+                backend.launch("combine", f"combine_bwd_expert_{suffix}", B * E * H,
+                               (gate_probs, grad_mixed, grad_expert, *sizes), shape)
+        ctx.backend_name = backend.name
+        return grad_gates, grad_expert
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _no_second_derivative(ctx.backend_name, "combine")
 
 
+# Dynamo cannot trace a launch (it turns the np.int64 sizes into arrays, and a ctypes or
+# CuPy call is opaque to it): under torch.compile these two run eagerly, a graph break.
+
+
+@torch.compiler.disable
 def kernel_softmax_gate(backend: KernelBackend, gate_logits: Tensor,
                         mask: Tensor | None) -> Tensor:
-    """:func:`dmoe_edu.ops.softmax_gate` on ``backend``'s kernels (inputs checked)."""
+    """:func:`dmoe_edu.ops.softmax_gate` on ``backend``'s kernels, for inputs already
+    checked by :func:`dmoe_edu.ops.contract.check_softmax_gate`."""
     return _KernelSoftmaxGate.apply(gate_logits, mask, backend)
 
 
+@torch.compiler.disable
 def kernel_combine(backend: KernelBackend, gate_probs: Tensor,
                    expert_out: Tensor) -> Tensor:
-    """:func:`dmoe_edu.ops.combine` through ``backend``'s kernels (inputs checked)."""
+    """:func:`dmoe_edu.ops.combine` on ``backend``'s kernels, for inputs already
+    checked by :func:`dmoe_edu.ops.contract.check_combine`."""
     return _KernelCombine.apply(gate_probs, expert_out, backend)

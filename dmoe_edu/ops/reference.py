@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .contract import check_combine, check_softmax_gate
+
 
 def _masked_logits(gate_logits: Tensor, mask: Tensor | None) -> Tensor:
     # Masked experts go to -inf *before* the softmax, so a saturated float32
@@ -28,6 +30,11 @@ class _SoftmaxGate(torch.autograd.Function):
         # softmax over a short last dimension (E = 4) is several times slower.
         gate_probs = torch.softmax(_masked_logits(gate_logits, mask).t(), dim=0).t()
         gate_probs = gate_probs.contiguous()  # (B, E)
+
+        # A row whose allowed logits are all -inf (or NaN) is NaN throughout; its
+        # masked experts still get exactly 0, as in the kernels.
+        if mask is not None:
+            gate_probs = gate_probs.masked_fill_(~mask, 0.0)
         ctx.save_for_backward(gate_probs)
         return gate_probs
 
@@ -67,9 +74,11 @@ class _Combine(torch.autograd.Function):
 
 def softmax_gate(gate_logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Reference backend of :func:`dmoe_edu.ops.softmax_gate` (inputs checked)."""
+    mask = check_softmax_gate(gate_logits, mask)
     return _SoftmaxGate.apply(gate_logits, mask)
 
 
 def combine(gate_probs: Tensor, expert_out: Tensor) -> Tensor:
     """Reference backend of :func:`dmoe_edu.ops.combine` (inputs checked)."""
+    check_combine(gate_probs, expert_out)
     return _Combine.apply(gate_probs, expert_out)
