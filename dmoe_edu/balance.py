@@ -13,13 +13,16 @@ mean by more than a margin ``m``: if ``G_e(t) - mean(G(t)) > m``, then
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .gating import check_int
 
 logger = logging.getLogger(__name__)
@@ -176,3 +179,129 @@ def check_margin(margin: float) -> float:
     if math.isnan(value) or value < 0:
         raise ValueError(f"margin must be >= 0 (examples of gate mass), got {margin!r}")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginTrace:
+    """What the margin rule did along a stream of examples (see :func:`trace_margin`).
+
+    Row ``t`` of every array describes example ``t`` of the stream.
+
+    Attributes:
+        margin: the margin ``m`` that was replayed.
+        totals: ``(T, E)`` float64, each expert's running gate mass *before*
+            example ``t`` was tested (row 0 is all zeros).
+        excess: ``(T, E)`` float64, ``totals`` minus their mean over the experts:
+            the number the rule compares with ``margin``.
+        keep: ``(T, E)`` bool, ``True`` where example ``t`` may use the expert.
+        raw_probs: ``(T, E)`` float64, the gate before the mask (plain softmax).
+        gate_probs: ``(T, E)`` float64, the gate example ``t`` actually got: the
+            masked experts at exactly 0, the others renormalised.
+    """
+
+    margin: float
+    totals: np.ndarray
+    excess: np.ndarray
+    keep: np.ndarray
+    raw_probs: np.ndarray
+    gate_probs: np.ndarray
+
+    @property
+    def masked(self) -> np.ndarray:
+        """``(T, E)`` bool, ``True`` where the rule switched the expert off."""
+        return ~self.keep
+
+    @property
+    def masked_examples(self) -> np.ndarray:
+        """``(T,)`` bool, ``True`` for the examples that had an expert masked."""
+        return self.masked.any(axis=1)
+
+
+def trace_margin(gate_logits: Any, margin: float) -> MarginTrace:
+    """Replay the margin rule of :class:`MarginConstraint` over a stream of gates.
+
+    A fresh :class:`MarginConstraint` with ``margin`` sees the examples one at a
+    time, in order, exactly as a gated layer's constraint sees a training batch;
+    its running totals are recorded before each example's test. The stream is
+    fixed (nothing learns here), so this shows the rule alone: which expert it
+    masks when, and what gate the example then gets.
+
+    Args:
+        gate_logits: gate scores of ``T`` examples, a tensor or array.
+        margin: the margin ``m`` in examples of gate mass (``>= 0``, may be
+            ``math.inf`` for no constraint at all).
+
+    Shape:
+        - gate_logits: ``(T, E)``.
+        - Every array of the result: ``(T, E)``.
+
+    Returns:
+        MarginTrace: running totals, their excess over the mean, the masks and
+        the gates before and after the mask, computed in float64.
+
+    Raises:
+        ValueError: if ``gate_logits`` is not a non-empty ``(T, E)`` array of
+            finite numbers, or ``margin`` is not a number ``>= 0``.
+
+    Example:
+        >>> trace = trace_margin(torch.tensor([[5.0, 0.0], [5.0, 0.0]]), margin=0.25)
+        >>> trace.excess.round(3).tolist()  # expert 0 ran 0.493 ahead of the mean
+        [[0.0, 0.0], [0.493, -0.493]]
+        >>> trace.keep.tolist()
+        [[True, True], [False, True]]
+        >>> trace.gate_probs[1].tolist()
+        [0.0, 1.0]
+    """
+    margin = check_margin(margin)
+    logits = _stream_logits(gate_logits)  # (T, E)
+    T, E = logits.shape
+
+    # A fresh constraint, switched on, fed one example at a time.
+    constraint = MarginConstraint(E, margin)
+    constraint.enabled = True
+    totals = np.zeros((T, E))
+    keep = np.ones((T, E), dtype=bool)
+    for t in range(T):
+        totals[t] = constraint.totals.numpy()
+        keep[t] = constraint.masks(logits[t : t + 1])[0].numpy()
+
+    # The gates before and after the mask, as the mixture layer computes them.
+    raw_probs = ops.softmax_gate(logits)  # (T, E)
+    gate_probs = ops.softmax_gate(logits, torch.from_numpy(keep))  # (T, E)
+    excess = totals - totals.mean(axis=1, keepdims=True)  # (T, E)
+    return MarginTrace(
+        margin=margin,
+        totals=totals,
+        excess=excess,
+        keep=keep,
+        raw_probs=raw_probs.numpy(),
+        gate_probs=gate_probs.numpy(),
+    )
+
+
+def _stream_logits(gate_logits: Any) -> Tensor:
+    """``gate_logits`` as a float64 CPU tensor of shape ``(T, E)``, checked."""
+    if isinstance(gate_logits, Tensor):
+        logits = gate_logits.detach().to("cpu", torch.float64)
+    else:
+        try:
+            logits = torch.as_tensor(np.asarray(gate_logits, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"gate_logits must be a (T, E) array of numbers, got "
+                f"{type(gate_logits).__name__}"
+            ) from None
+    if logits.dim() != 2 or 0 in logits.shape:
+        raise ValueError(
+            f"gate_logits must have shape (T, E) with T, E >= 1, got "
+            f"{tuple(logits.shape)}"
+        )
+
+    # Name the first bad example: the constraint would only say "1 of 1 rows".
+    bad = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten()
+    if len(bad):
+        raise ValueError(
+            f"gate_logits must be finite, got NaN or inf in {len(bad)} of "
+            f"{logits.shape[0]} examples (first: example {int(bad[0])})"
+        )
+    return logits.contiguous()

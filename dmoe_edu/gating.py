@@ -7,10 +7,13 @@ A gate maps an input ``x`` of width ``D`` to one score per expert, the
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor, nn
+
+from . import ops
 
 
 class LinearGate(nn.Module):
@@ -85,6 +88,81 @@ def make_gate(in_dim: int, num_experts: int, hidden: int | None) -> nn.Module:
     if hidden is None:
         return LinearGate(in_dim, num_experts)
     return ReLUGate(in_dim, num_experts, hidden)
+
+
+def tempered_gate(gate_logits: Tensor, temperature: float = 1.0,
+                  mask: Tensor | None = None) -> Tensor:
+    """Gate probabilities at a temperature: ``softmax_gate(gate_logits / T)``.
+
+    Dividing the logits by ``T > 1`` flattens the gate towards the uniform
+    ``1 / E``; ``T < 1`` sharpens it towards the largest logit (``T -> 0`` is
+    the argmax). ``T = 1`` is the plain gate. The paper trains at ``T = 1``.
+
+    Args:
+        gate_logits: gate scores before the softmax.
+        temperature: ``T``, a finite number > 0. Default: 1.0.
+        mask: optional bool mask of usable experts, as in
+            :func:`dmoe_edu.ops.softmax_gate`. Default: ``None``.
+
+    Shape:
+        - gate_logits: ``(B, E)``; mask: ``(B, E)`` or ``(E,)``.
+        - Output: ``(B, E)``, rows sum to 1.
+
+    Returns:
+        Tensor: the gate probabilities ``gate_probs``.
+
+    Raises:
+        ValueError: if ``temperature`` is not a finite number > 0.
+
+    Example:
+        >>> tempered_gate(torch.tensor([[2.0, 0.0]]), temperature=1e6)
+        tensor([[0.5000, 0.5000]])
+    """
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not 0.0 < float(temperature) < math.inf):
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature!r} "
+            "(as T -> 0 the gate becomes the argmax, which has no softmax)"
+        )
+    return ops.softmax_gate(gate_logits / float(temperature), mask)
+
+
+def gate_entropy(gate_probs: Tensor) -> Tensor:
+    """Entropy in nats of each row's gate distribution, ``-sum_e p_e log p_e``.
+
+    A gate sure of one expert has entropy 0; the uniform gate has the most,
+    ``log E``. Experts with ``p_e = 0`` add nothing (``0 log 0 = 0``).
+
+    Args:
+        gate_probs: gate probabilities, each row summing to 1.
+
+    Shape:
+        - Input: ``(B, E)``.
+        - Output: ``(B,)``.
+
+    Returns:
+        Tensor: the entropy of each row, in the input's dtype.
+
+    Raises:
+        ValueError: if ``gate_probs`` is not a floating ``(B, E)`` tensor.
+
+    Example:
+        >>> gate_entropy(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+        tensor([0.0000, 0.6931])
+    """
+    if (not isinstance(gate_probs, Tensor) or gate_probs.dim() != 2
+            or not gate_probs.is_floating_point()):
+        raise ValueError(
+            "gate_probs must be a floating (B, E) tensor, got "
+            f"{getattr(gate_probs, 'shape', type(gate_probs).__name__)}"
+        )
+
+    # p log p with 0 log 0 = 0: the log of 1 where p = 0 (its gradient stays 0)
+    safe = torch.where(gate_probs > 0, gate_probs, torch.ones_like(gate_probs))
+    plogp = (gate_probs * torch.log(safe)).sum(dim=1)  # (B,)
+
+    # 0.0 - x rather than -x: a one-hot row gives 0.0, not -0.0
+    return 0.0 - plogp
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:

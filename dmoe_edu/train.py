@@ -356,6 +356,75 @@ def _threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def fit_full_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                   steps: int = 300, lr: float = 0.05, threads: int | None = 1
+                   ) -> list[float]:
+    """Fit a small model on a whole small data set at once, with Adam.
+
+    For the course's toy problems (a few hundred points of the plane), where
+    every step can see every example: no batches, no shuffling, no schedule,
+    so the run depends only on the model's initialisation. Seed that yourself
+    (``torch.manual_seed``) before building the model. Jittered MNIST goes
+    through :func:`train`.
+
+    Args:
+        model: a model returning :class:`~dmoe_edu.dmoe.ModelOutput`, e.g. a
+            :class:`~dmoe_edu.classic.ClassicMoE`.
+        inputs: the whole training set.
+        labels: its classes.
+        steps: Adam steps. Default: 300.
+        lr: Adam's learning rate. Default: 0.05.
+        threads: ``torch.set_num_threads`` for the run, or ``None`` to leave
+            it. Default: 1.
+
+    Shape:
+        - inputs: ``(B, D)``; labels: ``(B,)`` int64.
+
+    Returns:
+        list[float]: the cross-entropy before each step (``steps`` values).
+        The model is left in eval mode.
+
+    Raises:
+        ValueError: on a bad ``steps`` or ``lr``, or labels that do not match
+            the inputs.
+        FloatingPointError: if a loss is NaN or infinite (the message names
+            the step; the step is not applied).
+
+    Example:
+        >>> from dmoe_edu.classic import ClassicMoE
+        >>> plane = two_rule_plane(num_points=200, seed=0)
+        >>> _ = torch.manual_seed(0)
+        >>> model = ClassicMoE(in_dim=2, num_classes=2, num_experts=2)
+        >>> losses = fit_full_batch(model, plane.inputs, plane.labels, steps=50)
+        >>> len(losses), losses[-1] < losses[0]
+        (50, True)
+    """
+    steps = check_int("steps", steps)
+    lr = _check_real("lr", lr, "> 0", lambda v: v > 0)
+    if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"labels must have shape (B,) = ({inputs.shape[0]},), got "
+            f"{tuple(labels.shape)}"
+        )
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses: list[float] = []
+    model.train()
+    with _threads(threads):
+        for step in range(steps):
+            # Every example, every step; stop before a NaN step is applied.
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs).logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss is {loss.item()} at step {step + 1} of {steps}"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def save_checkpoint(path, model, optimizer=None, epoch: int = 0, history=None,
                     config: TrainConfig | None = None) -> Path:
     """Write a checkpoint atomically (a temporary file, then a rename).

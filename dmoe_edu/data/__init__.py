@@ -5,6 +5,8 @@
   full MNIST from a directory, a download with checksums, synthetic digits.
 - :mod:`.jitter` places each digit at one of 81 offsets on a 36x36 canvas,
   keeping the shift so analyses can relate gating to position.
+- :mod:`.toy` draws points of the plane labelled by two linear rules, one per
+  region, for the first course notebooks.
 """
 
 from .idx import IdxFormatError, read_idx, write_idx
@@ -30,6 +32,14 @@ from .mnist import (
     load_mnist_dir,
     synthetic_digits,
 )
+from .toy import (
+    LAYOUTS,
+    RULES,
+    PlaneGrid,
+    TwoRulePlane,
+    plane_grid,
+    two_rule_plane,
+)
 
 __all__ = [
     "IdxFormatError",
@@ -53,4 +63,10 @@ __all__ = [
     "shift_index",
     "JitteredSet",
     "JitteredMNIST",
+    "LAYOUTS",
+    "RULES",
+    "PlaneGrid",
+    "TwoRulePlane",
+    "plane_grid",
+    "two_rule_plane",
 ]
