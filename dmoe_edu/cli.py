@@ -133,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "kernels":
             return _kernels()
         return _info()
+    except BrokenPipeError:
+        # The reader went away (`dmoe-edu kernels | head -1`): stop quietly, and
+        # keep Python from reporting the same error again when it flushes stdout.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"dmoe-edu: error: {exc}", file=sys.stderr)
         return 2

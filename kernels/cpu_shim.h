@@ -494,9 +494,12 @@ inline void run_thread(void (*kernel)(Params...), void** args, index_sequence<I.
     kernel(*static_cast<Params*>(args[I])...);
 }
 
+// Runs blocks first .. last - 1 of a grid of `grid` blocks: the launcher calls it chunk by
+// chunk, so that Python can stop a long launch (Ctrl-C) between two chunks.
 // Returns 0, or 1 after a failed assert or a __trap() (the reason in last_error).
 template <typename... Params>
-int launch(void (*kernel)(Params...), unsigned int grid, unsigned int block, void** args)
+int launch(void (*kernel)(Params...), unsigned int grid, unsigned int block, unsigned int first,
+           unsigned int last, void** args)
 {
     // A one-dimensional grid of one-dimensional blocks, run block by block, thread by thread.
     using indices = typename make_index_sequence<sizeof...(Params)>::type;
@@ -504,7 +507,7 @@ int launch(void (*kernel)(Params...), unsigned int grid, unsigned int block, voi
     block_size = dim3(block);
     unsigned int b = 0, t = 0;
     try {
-        for (b = 0; b < grid; ++b) {
+        for (b = first; b < last && b < grid; ++b) {
             for (t = 0; t < block; ++t) {
                 block_index = uint3{b, 0, 0};
                 thread_index = uint3{t, 0, 0};

@@ -270,3 +270,17 @@ def test_kernels_prints_the_cache_in_use(capsys, monkeypatch, tmp_path):
     used = emulate.cache_dir()
     assert not used.is_relative_to(blocker)
     assert f"cache {used})" in printed and str(blocker) not in printed
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    # `dmoe-edu info | head -1`: the reader leaves early; no error message.
+    import subprocess
+    import sys
+
+    command = (f"{sys.executable} -c 'from dmoe_edu.cli import main; "
+               f"raise SystemExit(main([\"kernels\"]))' | head -c 1 > /dev/null; "
+               f"echo ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                          timeout=300)
+    assert "error" not in done.stderr.lower(), done.stderr
+    assert done.stdout.strip() in {"0", "141"}, done.stdout

@@ -1200,3 +1200,79 @@ def test_wheel_ships_the_kernels(tmp_path):
     assert {p.name for p in Path(folder).iterdir()} >= {"gating.cu", "combine.cu",
                                                          "cpu_shim.h"}
     assert float(total) == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------- a new user's kernels
+
+WIDE_TYPES = textwrap.dedent("""
+    extern "C" __global__ void flags(const bool* keep, unsigned int* counts,
+                                     size_t n, unsigned step, long offset) {
+        for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+             i += gridDim.x * blockDim.x)
+            counts[i] = keep[i] ? step + (unsigned)offset : 0u;
+    }
+""")
+
+
+def test_common_spellings_of_the_c_types_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(tmp_path))
+    kernel = emulate.RawModule(WIDE_TYPES, "flags.cu").get_function("flags")
+    keep = torch.tensor([True, False, True, True, False])
+    counts = torch.full((5,), 7, dtype=torch.uint32)
+    kernel((2,), (2,), (keep, counts, np.uint64(5), np.uint32(3), np.int64(1)))
+    assert counts.tolist() == [4, 0, 4, 4, 0]
+
+    # size_t is 64 bits unsigned: a 32-bit or signed scalar is refused, not misread.
+    with pytest.raises(TypeError, match="'n'"):
+        kernel((1,), (1,), (keep, counts, np.int32(5), np.uint32(3), np.int64(1)))
+
+
+@pytest.mark.parametrize("params", ["int", "unsigned int", "const float*"])
+def test_a_parameter_without_a_name_is_named_as_the_problem(params):
+    code = f'extern "C" __global__ void k({params}) {{}}'
+    with pytest.raises(ValueError, match="every parameter needs a name"):
+        parse_kernels(code)
+
+
+@pytest.mark.parametrize("name", ["sub/dir/mine.cu", 'we"ird.cu', "", "../x.cu",
+                                  "a b.cu"])
+def test_source_names_must_be_plain_file_names(name):
+    with pytest.raises(ValueError, match="plain file name"):
+        emulate.RawModule(SCALE, name)
+
+
+INTERRUPTED = textwrap.dedent("""
+    import sys, time, torch
+    from dmoe_edu.ops import emulate
+    kernel = emulate.RawModule(
+        'extern "C" __global__ void spin(float* y) { y[0] += 1.0f; }',
+        "spin.cu").get_function("spin")
+    print("launching", flush=True)
+    start = time.monotonic()
+    try:
+        kernel((2**31 - 1,), (1024,), (torch.zeros(1),))
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.monotonic() - start:.1f} s", flush=True)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_runaway_emulated_launch(tmp_path):
+    # 2**41 threads would run for hours; SIGINT must end the launch within seconds.
+    import signal
+    import time
+
+    env = dict(os.environ, DMOE_EDU_CACHE=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "launching"
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 3, err
+    assert out.startswith("interrupted after")

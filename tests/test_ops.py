@@ -188,3 +188,9 @@ def test_use_backend_changes_nothing_in_other_threads():
     assert seen == {"a inside": "reference", "a after": "auto", "b": "auto",
                     "b inside": "auto"}
     assert ops.get_backend() == "auto"
+
+
+def test_a_meta_mask_is_refused_by_name():
+    mask = torch.ones(4, 3, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="meta tensor.*expected a mask on cpu"):
+        ops.softmax_gate(torch.randn(4, 3), mask)

@@ -66,6 +66,11 @@ def check_softmax_gate(gate_logits: Tensor, mask: Tensor | None) -> Tensor | Non
             f"mask shape must be (B, E) = {(B, E)}, (1, E) = {(1, E)} or (E,) = "
             f"{(E,)}, got {tuple(mask.shape)}"
         )
+    if mask.device.type == "meta" and gate_logits.device.type != "meta":
+        raise ValueError(
+            f"mask is a meta tensor, which holds no values; expected a mask on "
+            f"{gate_logits.device} (a mask on another real device is copied there)"
+        )
     mask = mask.to(gate_logits.device).expand(B, E)
 
     # Every row keeps an expert (a meta tensor holds no values to check).

@@ -31,6 +31,7 @@ from .kernels import (
     Kernel,
     KernelBackend,
     Param,
+    check_source_name,
     kernel_combine,
     kernel_softmax_gate,
     kernel_source,
@@ -181,8 +182,8 @@ class RawModule:
     scalars) and the launch queued on PyTorch's current stream.
 
     Args:
-        code: CUDA C source with one or more ``extern "C" __global__`` kernels with
-            one-dimensional grids.
+        code: CUDA C source (``str``, or ``bytes`` read as UTF-8) with one or more
+            ``extern "C" __global__`` kernels with one-dimensional grids.
         name: file name used in compiler messages. Default: ``"module.cu"``.
 
     Raises:
@@ -193,7 +194,10 @@ class RawModule:
     :meth:`get_function`, with NVRTC's log.
     """
 
-    def __init__(self, code: str, name: str = "module.cu"):
+    def __init__(self, code: str | bytes, name: str = "module.cu"):
+        if isinstance(code, (bytes, bytearray)):
+            code = bytes(code).decode("utf-8")
+        check_source_name(name)
         reason = status()
         if reason:
             raise RuntimeError(f"the cupy backend cannot run here: {reason}")

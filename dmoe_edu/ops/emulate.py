@@ -91,6 +91,7 @@ from .kernels import (
     Kernel,
     KernelBackend,
     Param,
+    check_source_name,
     kernel_combine,
     kernel_dir,
     kernel_softmax_gate,
@@ -327,12 +328,14 @@ def _cached(name: str) -> Path | None:
 
 def _translation_unit(source_name: str, kernels: Sequence[str]) -> str:
     # The shim, the unchanged .cu file, then one C entry point per kernel that runs
-    # the whole grid: emu_<kernel>(grid, block, args), 0 or 1 after a failed assert.
+    # blocks first .. last - 1 of the grid, emu_<kernel>(grid, block, first, last,
+    # args), and returns 0, or 1 after a failed assert.
     lines = ['#include "cpu_shim.h"', f'#include "{source_name}"', ""]
     for name in kernels:
         lines.append(
             f'extern "C" int emu_{name}(unsigned int grid, unsigned int block, '
-            f"void** args) {{ return emu::launch({name}, grid, block, args); }}"
+            f"unsigned int first, unsigned int last, void** args) "
+            f"{{ return emu::launch({name}, grid, block, first, last, args); }}"
         )
     lines.append('extern "C" const char* emu_last_error() { return emu::last_error; }')
     return "\n".join(lines) + "\n"
@@ -413,7 +416,9 @@ class RawModule:
         code: CUDA C source (``str``, or ``bytes`` read as UTF-8) with one or more
             ``extern "C" __global__`` kernels that follow the emulation's rules (no
             shared memory, barriers, shuffles or atomics; one-dimensional grids).
-        name: file name used in compiler messages. Default: ``"module.cu"``.
+        name: file name used in compiler messages: a plain name such as
+            ``"mine.cu"`` (letters, digits, ``.``, ``_``, ``-``; no folders).
+            Default: ``"module.cu"``.
         compiler: the compiler command line. Default: :func:`compiler_command`.
 
     Raises:
@@ -422,13 +427,20 @@ class RawModule:
             compiler's exit status and output, with line numbers in ``name``), or the
             compiler produced no library.
         TypeError: if ``code`` is neither ``str`` nor ``bytes``.
-        ValueError: if the source declares no ``extern "C" __global__`` kernel.
+        ValueError: if the source declares no ``extern "C" __global__`` kernel, or
+            ``name`` is not a plain file name.
+
+    Kernels are found by reading their declarations as text, before the
+    preprocessor runs: a kernel inside ``#if 0`` still counts (and fails to
+    link), and one declared through a macro is not found. Write each kernel's
+    ``extern "C" __global__ void name(...)`` out in full.
     """
 
     def __init__(self, code: str | bytes, name: str = "module.cu",
                  compiler: Sequence[str] | None = None):
         if isinstance(code, (bytes, bytearray)):
             code = bytes(code).decode("utf-8")
+        check_source_name(name)
         self.signatures = parse_kernels(code)
         if not self.signatures:
             raise ValueError(
@@ -457,11 +469,15 @@ class RawModule:
         if name not in self._kernels:
             entry = getattr(self._library, f"emu_{name}")
             args = ctypes.POINTER(ctypes.c_void_p)
-            entry.argtypes = [ctypes.c_uint, ctypes.c_uint, args]
+            entry.argtypes = [ctypes.c_uint] * 4 + [args]
             entry.restype = ctypes.c_int
             self._kernels[name] = EmulatedKernel(name, self.signatures[name], entry,
                                                  self._library.emu_last_error)
         return self._kernels[name]
+
+
+LAUNCH_CHUNK_THREADS = 1 << 20
+"""Threads an emulated launch runs between two chances for Python to stop it."""
 
 
 class EmulatedKernel(Kernel):
@@ -494,9 +510,16 @@ class EmulatedKernel(Kernel):
             else:
                 values.append(_CTYPES[param.base](arg.item()))
         addresses = (ctypes.c_void_p * len(values))(*map(ctypes.addressof, values))
-        if self._entry(grid, block, addresses) and self._last_error is not None:
-            message = self._last_error().decode(errors="replace")
-            raise RuntimeError(f"{self.name}: {message}")
+
+        # Chunks of about LAUNCH_CHUNK_THREADS threads: between two of them Python
+        # runs its signal handlers, so Ctrl-C stops a runaway launch.
+        chunk = max(1, LAUNCH_CHUNK_THREADS // block)
+        for first in range(0, grid, chunk):
+            last = min(grid, first + chunk)
+            if self._entry(grid, block, first, last, addresses):
+                message = (self._last_error().decode(errors="replace")
+                           if self._last_error is not None else "the launch failed")
+                raise RuntimeError(f"{self.name}: {message}")
 
 
 class EmulateBackend(KernelBackend):

@@ -58,9 +58,32 @@ _POINTER_DTYPES = {
     "double": (torch.float64,),
     "int": (torch.int32,),
     "long long": (torch.int64,),
+    "unsigned int": (torch.uint32,),
+    "unsigned long long": (torch.uint64,),
     "unsigned char": (torch.uint8, torch.bool),
+    "bool": (torch.bool,),
 }
 _QUALIFIERS = {"const", "__restrict__", "volatile"}
+
+# Other spellings of those types, as CUDA on a 64-bit Linux or Windows host reads them
+# (long and size_t are 64 bits wide under nvcc's LP64 and the emulation's g++ alike; on
+# a Windows host long is 32 bits, so a kernel meant for both should say long long).
+_SYNONYMS = {
+    "signed": "int",
+    "signed int": "int",
+    "unsigned": "unsigned int",
+    "long": "long long",
+    "long int": "long long",
+    "signed long long": "long long",
+    "long long int": "long long",
+    "signed long long int": "long long",
+    "unsigned long": "unsigned long long",
+    "unsigned long int": "unsigned long long",
+    "unsigned long long int": "unsigned long long",
+    "size_t": "unsigned long long",
+    "unsigned char": "unsigned char",
+    "bool": "bool",
+}
 
 # Comments, and string or character literals (kept, so that "//" inside one stays text).
 _COMMENT_OR_LITERAL_RE = re.compile(
@@ -344,12 +367,14 @@ def _parse_param(kernel: str, raw: str) -> Param:
         stars += array.group("dims").count("[")
         declarator = array.group("head")
     words = [w for w in declarator.replace("*", " ").split() if w not in _QUALIFIERS]
-    if len(words) < 2:
+    if len(words) < 2 or words[-1] in _TYPE_WORDS:
         raise ValueError(
             f"kernel {kernel}: cannot read parameter {raw!r}; expected a type and a "
-            f"name, like 'const float* x' or 'long long n'"
+            f"name, like 'const float* x' or 'long long n' (every parameter needs a "
+            f"name)"
         )
     base, name = " ".join(words[:-1]), words[-1]
+    base = _SYNONYMS.get(base, base)
     known = _POINTER_DTYPES if stars == 1 else _SCALAR_TYPES
     if stars > 1 or base not in known:
         raise ValueError(
@@ -358,6 +383,28 @@ def _parse_param(kernel: str, raw: str) -> Param:
             f"{sorted(_SCALAR_TYPES)}"
         )
     return Param(name=name, base=base, pointer=stars == 1)
+
+
+_TYPE_WORDS = {"int", "unsigned", "signed", "long", "short", "char", "float", "double",
+               "bool", "size_t", "void"}
+
+
+_SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def check_source_name(name: str) -> str:
+    """Check that ``name`` can name a kernel source file; return it.
+
+    Raises:
+        ValueError: unless it is a plain file name (letters, digits, ``.``, ``_``,
+            ``-``; no folder, quote or space), such as ``"mine.cu"``.
+    """
+    if not isinstance(name, str) or not _SOURCE_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"name must be a plain file name such as 'mine.cu' (letters, digits, "
+            f"'.', '_', '-'; no folders), got {name!r}"
+        )
+    return name
 
 
 @functools.cache
