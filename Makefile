@@ -8,13 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install reproduce test lab notebooks clean
+.PHONY: help install reproduce test lab notebooks book clean
 
 help:
 	@echo "make reproduce   train the DMoE and baselines, print Table 1, write results/"
 	@echo "make test        run the whole test suite"
 	@echo "make lab         start JupyterLab on the course notebooks"
 	@echo "make notebooks   re-execute every notebook's .ipynb from its .py source"
+	@echo "make book        build the course as a static site in book/_build/html"
 	@echo "make install     only create .venv and install (done by the others)"
 	@echo "Pass options to reproduce with ARGS, e.g. make reproduce ARGS='--seeds 0,1'"
 
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 		"constraints.txt needs 3.11 or newer: make PYTHON=python3.11 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
-	$(PIP) -e ".[dev,lab]"
+	$(PIP) -e ".[dev,lab,book]"
 	touch $(STAMP)
 
 reproduce: $(STAMP)
@@ -45,10 +46,14 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python tools/execute_notebooks.py --jobs 2 $(ARGS)
 
+# The static book: re-runs every notebook (a few minutes), warnings are errors.
+book: $(STAMP)
+	$(BIN)/python tools/build_book.py
+
 # Root (as in containers) must say so explicitly to Jupyter.
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=$(if $(wildcard notebooks),notebooks,.) \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis book/_build book/course

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import secrets
@@ -33,19 +32,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_support import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 TARGET_NOTEBOOK = "05_where_and_what.ipynb"
 """The notebook the test opens, inside ``notebooks/``: its first dashboard is driven."""
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-    "--disable-quic",
-]
-REQUIRE = os.environ.get("DMOE_EDU_REQUIRE_BROWSER") == "1"
 
 # Bounds on every wait, in seconds: generous for a loaded 2-core machine.
 SERVER_START_S = 90
@@ -55,25 +47,8 @@ REDRAW_S = 120
 SHUTDOWN_S = 30
 
 
-def _missing() -> str | None:
-    """Why the browser test cannot run here, or ``None`` if it can."""
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        return f"{CHROMIUM} is missing: apt-get install chromium"
-    for module, install in (("playwright", "pip install playwright"),
-                            ("jupyterlab", "pip install jupyterlab")):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed: {install}"
-    return None
-
-
 def _require_browser() -> None:
-    reason = _missing()
-    if reason is None:
-        return
-    if REQUIRE:
-        pytest.fail(f"DMOE_EDU_REQUIRE_BROWSER=1 but the browser test cannot run: "
-                    f"{reason}")
-    pytest.skip(reason)
+    require_browser({"jupyterlab": "pip install jupyterlab"})
 
 
 # --------------------------------------------------------------------------- processes
