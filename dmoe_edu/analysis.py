@@ -299,7 +299,7 @@ def gate_by_class(gate_probs: Any, labels: Any, num_classes: int = 10) -> np.nda
 def joint_assignment(p1: Any, p2: Any, normalise_rows: bool = True) -> np.ndarray:
     """Mean product gate of each pair of experts in two layers (Fig. 5).
 
-    Entry ``(i, j)`` is the mean over examples of ``g1_i(x) * g2_j(x)``. With
+    Entry ``(i, j)`` is the mean over examples of ``g1_i(x) * g2_j(z1)``. With
     ``normalise_rows`` each row is divided by its sum, giving how a layer-1
     expert's inputs spread over the layer-2 experts; a row of zeros stays zero.
     Well-mixed rows mean every combination of experts is in use.
@@ -338,7 +338,7 @@ def top_examples(p1: Any, p2: Any, k: int = 9) -> np.ndarray:
     """Indices of the ``k`` examples with the highest product gate per pair (Fig. 3).
 
     For every layer-1 expert ``i`` and layer-2 expert ``j``, the examples are
-    ranked by ``g1_i(x) * g2_j(x)``, highest first; ties go to the lower index,
+    ranked by ``g1_i(x) * g2_j(z1)``, highest first; ties go to the lower index,
     so the result is deterministic.
 
     Args:

@@ -152,7 +152,7 @@ def update_figure(target: go.FigureWidget, new: go.Figure) -> None:
         target.layout = new.layout
 
 
-def margin_explorer(gate_logits: Any, margin: float = 2.0,
+def margin_explorer(gate_logits: Any, margin: float | None = None,
                     max_margin: float | None = None) -> Dashboard:
     """A margin slider over a fixed stream of gate logits: where the rule masks.
 
@@ -164,7 +164,8 @@ def margin_explorer(gate_logits: Any, margin: float = 2.0,
 
     Args:
         gate_logits: ``(T, E)`` gate logits of a stream of examples.
-        margin: the slider's first margin ``m``. Default: 2.0.
+        margin: the slider's first margin ``m``, or ``None`` for 2.0, lowered to
+            ``max_margin`` when that is smaller (a short stream). Default: ``None``.
         max_margin: the slider's upper end, or ``None`` for the largest excess
             the stream reaches with no constraint (rounded up, at least 1), so
             that nothing is masked at the top. Default: ``None``.
@@ -189,14 +190,19 @@ def margin_explorer(gate_logits: Any, margin: float = 2.0,
     # One replay without any constraint checks the stream and sizes the slider.
     free = balance.trace_margin(gate_logits, math.inf)
     num_steps = len(free.excess)
+    sized_by_stream = max_margin is None
     if max_margin is None:
         max_margin = max(1.0, float(math.ceil(free.excess.max())))
     max_margin = balance.check_margin(max_margin)
+    if margin is None:
+        margin = min(2.0, max_margin)
     margin = balance.check_margin(margin)
     if not 0.0 < max_margin < math.inf or margin > max_margin:
+        where = (" (sized by the stream: its largest excess with no constraint, "
+                 "rounded up, at least 1)") if sized_by_stream else ""
         raise ValueError(
             f"need 0 <= margin <= max_margin with a finite max_margin > 0, got "
-            f"margin={margin!r}, max_margin={max_margin!r}"
+            f"margin={margin!r}, max_margin={max_margin!r}{where}"
         )
 
     def draw(margin: float) -> go.Figure:
@@ -214,6 +220,7 @@ def margin_explorer(gate_logits: Any, margin: float = 2.0,
     )
     return Dashboard({"margin": slider}, draw,
                      title="The margin rule over a fixed stream of gates")
+
 
 def gate_map_explorer(records: Mapping[int, Any], layer: int = 1, expert: int = 0,
                       epoch: int | None = None, num_classes: int = 10) -> Dashboard:

@@ -189,7 +189,7 @@ print(f"one linear classifier: {one_line_acc:.1%} of the points right")
 
 # %%
 assert 0.55 < one_line_acc < 0.8
-single_gate = one_line(plane.inputs).gate_probs[0]  # (B, 1)
+single_gate = one_line(plane.inputs).gate_probs[0]  # (num_points, 1)
 assert (single_gate == 1).all()
 
 # %% [markdown]
@@ -382,7 +382,8 @@ viz.gate_regions_figure(
 
 # %%
 with torch.no_grad():
-    expert_alone = model.expert_logits(plane.inputs).argmax(2)  # (B, E)
+    # (num_points, E): each expert's class for every point of the plane
+    expert_alone = model.expert_logits(plane.inputs).argmax(2)
 alone_acc = (expert_alone == plane.labels[:, None]).float().mean(0)  # (E,)
 chosen = grid_gates.argmax(1)  # (G*G,)
 agree = (chosen == plane.region_of(grid.points)).float().mean().item()

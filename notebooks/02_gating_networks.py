@@ -66,10 +66,13 @@ print(f"gate hidden units {GATE_HIDDEN}, {RESTARTS} runs of {STEPS} steps")
 #   `gate_logits = W x + b`, with `W` of shape `(E, D)`.
 #   It has `D * E + E` parameters.
 # - The **ReLU gate** of the paper, `dmoe_edu.gating.ReLUGate`,
-#   puts a hidden layer of `h` ReLU units in between:
-#   `gate_logits = B max(0, A x + a) + b`,
-#   with `A` of shape `(h, D)` and `B` of shape `(E, h)`.
-#   It has `D * h + h + h * E + E` parameters.
+#   puts a hidden layer of ReLU units in between, `gate_hidden` of them
+#   (the name of this width in `dmoe_edu`, e.g. `LayerSpec.gate_hidden`):
+#   `gate_logits = W2 max(0, W1 x + b1) + b2`,
+#   with `W1` of shape `(gate_hidden, D)` and `W2` of shape
+#   `(E, gate_hidden)`.
+#   It has `D * gate_hidden + gate_hidden + gate_hidden * E + E`
+#   parameters.
 #
 # We count both for our toy plane and for the two gates of the paper's
 # 4x100-4x100 model on jittered MNIST
@@ -90,17 +93,19 @@ for name, (D, E) in sizes.items():
     linear, relu = LinearGate(D, E), ReLUGate(D, E, hidden=50)
     counts[name] = (num_params(linear), num_params(relu))
     print(f"{name:15} D={D:5} E={E}: linear {counts[name][0]:6,}"
-          f"   ReLU (h=50) {counts[name][1]:6,}")
+          f"   ReLU (gate_hidden=50) {counts[name][1]:6,}")
 
 # %% [markdown]
 # On MNIST's layer 1 the ReLU gate is about 12 times the size of the linear
-# one, because `D * h` dominates: the hidden layer reads every pixel.
+# one, because `D * gate_hidden` dominates: the hidden layer reads every
+# pixel.
 # The check recomputes every count from the formulas above.
 
 # %%
 for name, (D, E) in sizes.items():
-    h = 50
-    assert counts[name] == (D * E + E, D * h + h + h * E + E), name
+    gate_hidden = 50
+    assert counts[name] == (
+        D * E + E, D * gate_hidden + gate_hidden + gate_hidden * E + E), name
 assert num_params(ReLUGate(2, 2, hidden=GATE_HIDDEN)) == (
     2 * GATE_HIDDEN + GATE_HIDDEN + GATE_HIDDEN * 2 + 2)
 
@@ -459,7 +464,7 @@ assert board.last_error is None and board.message.value == ""
 #
 # - A linear gate scores the experts with one linear map;
 #   the paper's gate adds a hidden layer of ReLU units,
-#   at a cost of about `D * h` parameters.
+#   at a cost of about `D * gate_hidden` parameters.
 # - The expert a gate trusts most is the argmax of its logits.
 #   For a linear gate every expert's region is convex,
 #   and with two experts it is a half-plane;
@@ -480,7 +485,9 @@ assert board.last_error is None and board.message.value == ""
 # %% [markdown]
 # ## Exercises
 #
-# 1. Change `GATE_HIDDEN` to 1, 2 and 4.
+# 1. Give the ReLU gate 1, 2 and then 4 hidden units: in the setup cell,
+#    change the `"notebook"` entry of the dict that sets `GATE_HIDDEN`
+#    (`{"notebook": 8, ...}`) and rerun the notebook.
 #    What is the smallest hidden layer that carves the stripe?
 #    Can you explain the answer from where each ReLU switches on?
 # 2. Set `RESTARTS = 1` and try a few seeds in `best_of_restarts`

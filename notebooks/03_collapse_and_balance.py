@@ -181,12 +181,12 @@ hand_excess, hand_keep, hand_gates = map(
 
 # %%
 hand_totals = np.cumsum(hand_gates, axis=0) - hand_gates  # (T, E) before
-print(" t | totals before    | mean | excess over mean      | masked | gate")
+print(" t | totals before    | mean | excess over mean       | masked | gate")
 for t in range(len(hand_probs)):
     masked = [e for e in range(3) if not hand_keep[t, e]]
     print(f" {t} | {np.array2string(hand_totals[t], precision=2):16s} | "
           f"{hand_totals[t].mean():.2f} | "
-          f"{np.array2string(hand_excess[t], precision=3):21s} | "
+          f"{np.array2string(hand_excess[t], precision=3):22s} | "
           f"{str(masked):6s} | {np.array2string(hand_gates[t], precision=3)}")
 
 # %% [markdown]

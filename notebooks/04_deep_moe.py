@@ -125,8 +125,8 @@ print("W1:", tuple(W1.shape), " expert_out1:", tuple(expert_out1.shape))
 gate1 = layer1.gate
 A1, a1 = gate1.hidden_layer.weight, gate1.hidden_layer.bias  # (50, D)
 V1, v1 = gate1.out.weight, gate1.out.bias  # (E, 50), (E,)
-gate_hidden1 = torch.relu(x @ A1.T + a1)  # (B, 50)
-gate_logits1 = gate_hidden1 @ V1.T + v1  # (B, E)
+gate_relu1 = torch.relu(x @ A1.T + a1)  # (B, 50)
+gate_logits1 = gate_relu1 @ V1.T + v1  # (B, E)
 gate_probs1 = torch.softmax(gate_logits1, dim=1)  # (B, E)
 print("gate_probs1:", tuple(gate_probs1.shape))
 
@@ -152,7 +152,7 @@ def mixture_by_hand(layer, inputs):  # inputs (B, D_in)
     expert_out = torch.relu(
         torch.einsum("bd,ehd->beh", inputs, W) + b)  # (B, E, H)
     hidden = torch.relu(inputs @ layer.gate.hidden_layer.weight.T
-                        + layer.gate.hidden_layer.bias)  # (B, G)
+                        + layer.gate.hidden_layer.bias)  # (B, gate_hidden)
     gate_logits = hidden @ layer.gate.out.weight.T + layer.gate.out.bias
     gate_probs = torch.softmax(gate_logits, dim=1)  # (B, E)
     mixed = torch.einsum("be,beh->bh", gate_probs, expert_out)  # (B, H)
@@ -191,10 +191,11 @@ assert [tuple(g.shape) for g in out.gate_probs] == [(B, 4), (B, 4)]
 #
 # With the forward pass in hand, the parameters can be counted.
 # For a layer of `E` experts of width `H` reading an input of width
-# `D_in`, with a gate of `G` hidden units:
+# `D_in`, with a gate of `gate_hidden` hidden units (`LayerSpec.gate_hidden`):
 #
 # - experts: `E * (D_in * H + H)` (a weight matrix and a bias each);
-# - gate: `D_in * G + G` for its hidden layer, `G * E + E` for its scores;
+# - gate: `D_in * gate_hidden + gate_hidden` for its hidden layer,
+#   `gate_hidden * E + E` for its scores;
 #
 # and the head adds `H * C + C`.
 # The count below covers the mixture layers of the paper's Table 1 (every
@@ -204,9 +205,10 @@ assert [tuple(g.shape) for g in out.gate_probs] == [(B, 4), (B, 4)]
 def count_by_hand(layers, input_dim=1296, num_classes=10):
     total, width = 0, input_dim
     for spec in layers:
-        E, H, G = spec.num_experts, spec.width, spec.gate_hidden
+        E, H, gate_hidden = spec.num_experts, spec.width, spec.gate_hidden
         total += E * (width * H + H)  # experts
-        total += width * G + G + G * E + E  # gate
+        total += width * gate_hidden + gate_hidden  # gate: hidden layer
+        total += gate_hidden * E + E  # gate: scores
         width = H  # the next layer reads this one
     return total + width * num_classes + num_classes  # head
 

@@ -312,10 +312,13 @@ viz.class_matrix_figure(classes1, title="Layer 1: mean gate per class")
 viz.class_matrix_figure(classes2, title="Layer 2: mean gate per class")
 
 # %% [markdown]
-# Here the rows differ sharply: each layer-2 expert takes most of the
-# digits of a few classes (cells well above 0.5) and almost none of others
-# (cells near 0).
-# The second layer has become a set of "what" experts.
+# Here the rows vary from class to class much more than in layer 1.
+# In the run stored here, two layer-2 experts take more than half of the
+# digits of a few classes (cells above 0.5) and almost none of others
+# (cells near 0); a third leans towards a few classes without taking most
+# of any; the fourth takes little of every class.
+# The second layer has become a set of "what" experts, some sharper than
+# others.
 # At this scale one layer-2 expert is often used much less than the
 # others: the constraint balanced the experts only early in training.
 #
@@ -420,6 +423,9 @@ for layer, entry in scores.items():
 # %% [markdown]
 # The bars show the argmax scores; the dashed segments are the chance
 # levels.
+# (A warning for later: on a barely trained model this score misleads;
+# in this run layer 1 scores 0.50 before training and 0.00 after one
+# epoch, for reasons explained in "Watching the split appear".)
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -92,17 +92,20 @@ for kind, model in models.items():
 # %% [markdown]
 # Let us count the DMoE's parameters by hand.
 # A linear map from `a` to `b` units has `a * b` weights and `b` biases.
-# A layer of `E` experts holds `E` such maps; a gate with `G` hidden units
-# is a map to `G`, then a map from `G` to the `E` experts.
+# A layer of `E` experts holds `E` such maps; a gate with `gate_hidden`
+# hidden units (`LayerSpec.gate_hidden`) is a map to `gate_hidden` units,
+# then a map from those to the `E` experts.
 
 # %%
 def linear(a, b):
     return a * b + b
 
 
-D, E, H, G, C = 1296, 4, 100, 50, 10
-experts1, gate1 = E * linear(D, H), linear(D, G) + linear(G, E)
-experts2, gate2 = E * linear(H, H), linear(H, G) + linear(G, E)
+D, E, H, C, gate_hidden = 1296, 4, 100, 10, 50
+experts1 = E * linear(D, H)
+gate1 = linear(D, gate_hidden) + linear(gate_hidden, E)
+experts2 = E * linear(H, H)
+gate2 = linear(H, gate_hidden) + linear(gate_hidden, E)
 head = linear(H, C)
 dmoe_count = experts1 + gate1 + experts2 + gate2 + head
 print(f"experts {experts1 + experts2:,}, gates {gate1 + gate2:,}, "

@@ -784,11 +784,13 @@ for row in TIMED_ROWS:
               f"{step_times[row, device, backend]:6.2f} ms a step")
 
 # %% [markdown]
-# Read the tables as ratios; the numbers depend on the machine.
-# On the machine that wrote this page, the emulated forward ops were a few
-# times slower than the reference at the paper's sizes, yet a whole
-# training step slowed far less: in a step, the experts' and gates' matrix
-# products and their gradients cost more than the two ops.
+# Read the tables as rough ratios: the numbers depend on the machine and
+# on what else it is running, and the same op can take two or three times
+# as long in one run as in the next.
+# At the paper's sizes the emulated forward ops are a few times (the
+# softmax) to a few tens of times (the combine) slower than the reference,
+# yet a whole training step slows far less: in a step, the experts' and
+# gates' matrix products and their gradients cost more than the two ops.
 #
 # Where does the emulation's time go?
 # Two costs add up.
@@ -802,6 +804,14 @@ for row in TIMED_ROWS:
 # PyTorch's reference instead runs a few vectorised loops over whole rows.
 # To see the per-thread cost, grow the batch of the combine forward: its
 # `B * H` threads grow with it.
+#
+# The first line below times the same op at the same size as the
+# "combine fwd" column above, and need not give the same number.
+# Above, `expert_out` requires gradients, so each call also records the
+# op for autograd; here no input does.
+# That costs little; most of the gap between the two is the noise of
+# timing on a shared machine, which is why the prose and the checks on
+# this page lean only on large ratios.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -820,9 +830,14 @@ for batch in (100, 1_000, 10_000):
           f"({1000 * growth[batch, 'emulate'] / threads:5.1f} ns a thread)")
 
 # %% [markdown]
-# As the batch grows, the fixed cost fades and the emulation's time per
-# simulated thread (the last column) settles; the reference pulls further
-# ahead.
+# The emulation's time grows roughly in step with the threads: 100 times
+# the threads cost it tens of times more, so the per-thread cost dominates.
+# The fixed cost, some tens of microseconds, is already a minor part at
+# `B = 100`, so on a quiet machine the time per simulated thread (the last
+# column) stays at ten to a few tens of nanoseconds; on a busy one it
+# wanders up and down from row to row.
+# The reference grows too, and stays ahead at every size, by a factor that
+# moves from run to run.
 # The softmax is worse for many experts, since each of its `B * E` threads
 # reads its row twice: the work grows as `B * E * E` (try exercise 5).
 #
@@ -842,7 +857,8 @@ for batch in (100, 1_000, 10_000):
 #
 # The check: the kernels gave the reference's numbers at the sizes we
 # timed, every time is positive, and 100 times the threads cost the
-# emulation several times more time, which is the per-thread cost at work.
+# emulation at least 5 times more time (in practice tens of times), which
+# is the per-thread cost at work.
 
 # %%
 for E, H in layer_sizes:

@@ -345,6 +345,18 @@ def test_margin_explorer_slider_reaches_no_mask_by_default():
     assert board.controls["margin"].max == 4.0
 
 
+def test_margin_explorer_fits_its_default_margin_to_a_short_stream():
+    logits = leaning_stream(4, 2, seed=0)
+    assert trace_margin(logits, math.inf).excess.max() <= 1.0  # slider ends at 1
+    board = widgets.margin_explorer(logits)
+    slider = board.controls["margin"]
+    assert slider.max == 1.0 and slider.value == 1.0
+    _check_board_shows(board, logits, 1.0)
+    # A margin passed on purpose is still checked, and the message says why.
+    with pytest.raises(ValueError, match="margin=2.0, max_margin=1.0 .sized by"):
+        widgets.margin_explorer(logits, margin=2.0)
+
+
 def test_margin_explorer_shows_an_invalid_state_in_its_message_area():
     logits = leaning_stream(40, 3, seed=4)
     board = widgets.margin_explorer(logits, margin=1.0)

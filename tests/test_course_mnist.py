@@ -347,6 +347,9 @@ def test_top_examples_png_figure_is_small_and_decodes_with_pillow():
     pixels = np.array(image.open(io.BytesIO(
         base64.b64decode(png.data[0].source.split(",", 1)[1]))))
     np.testing.assert_array_equal(pixels, heatmap.data[0].z)
+    # The layer-2 gate reads the layer-1 output z1, not the image x.
+    for fig in (heatmap, png):
+        assert fig.layout.title.text.endswith("g1_i(x) g2_j(z1)")
 
 
 def test_paper_comparison_figure_puts_ours_beside_the_papers():

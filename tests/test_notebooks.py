@@ -8,6 +8,7 @@ it does not care about widget state, sizes or the ``.py`` sources.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,18 @@ def _sections(cells):
         elif sections:
             sections[-1][1].append(cell)
     return sections
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=_ids(SOURCES))
+def test_cell_ids_come_from_the_sources(source):
+    # `make notebooks` names each cell after its source, so re-running an unchanged
+    # notebook leaves its file unchanged (jupytext alone draws random ids).
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from execute_notebooks import stable_ids
+    finally:
+        sys.path.pop(0)
+    expected = [c.id for c in stable_ids(jupytext.read(source)).cells]
+    assert expected == [c.id for c in stable_ids(jupytext.read(source)).cells]
+    assert [c.id for c in _executed(source).cells] == expected, (
+        f"{source.with_suffix('.ipynb').name} was not written by `make notebooks`")

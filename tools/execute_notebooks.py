@@ -3,7 +3,8 @@
 Each ``notebooks/**/NN_name.py`` (jupytext percent format) is read, run top to
 bottom in a fresh ``python3`` kernel whose working directory is the notebook's
 folder, and written to ``NN_name.ipynb`` beside it with its outputs. Widget
-state, execution timings and the kernel's "trusted" signature are stripped, so
+state, execution timings and the kernel's "trusted" signature are stripped, and
+cell ids are derived from each cell's source, so
 a committed notebook holds only what nbval compares and what a reader sees.
 
 Usage::
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import os
 import sys
 import tempfile
@@ -44,22 +46,63 @@ def notebook_sources(root: Path = NOTEBOOKS) -> list[Path]:
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Drop widget state, timings and other run-specific metadata."""
+    """Drop widget state, timings and other run-specific details.
+
+    What would differ between two runs of an unchanged notebook is made fixed:
+    plotly's random trace ``uid``s are dropped (plotly draws new ones), widget
+    views get ids made from their cell's id, and printed output that the kernel
+    happened to send in several pieces is joined into one.
+    """
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
-        for output in cell.get("outputs", []):
-            # Widget views point at state that is no longer stored.
+        if "outputs" not in cell:
+            continue
+        cell.outputs = _join_streams(cell.outputs)
+        for k, output in enumerate(cell.outputs):
             data = output.get("data", {})
+
+            # Widget views point at state that is no longer stored.
             data.pop("application/vnd.jupyter.widget-state+json", None)
+            view = data.get("application/vnd.jupyter.widget-view+json")
+            if view is not None:
+                view["model_id"] = f"{cell.get('id', 'cell')}-{k}"
+            for trace in data.get("application/vnd.plotly.v1+json", {}).get(
+                    "data", []):
+                trace.pop("uid", None)
+    return nb
+
+
+def _join_streams(outputs: list) -> list:
+    # Consecutive pieces of one stream (stdout or stderr) become one output.
+    joined = []
+    for output in outputs:
+        previous = joined[-1] if joined else None
+        if (output.get("output_type") == "stream" and previous is not None
+                and previous.get("output_type") == "stream"
+                and previous.get("name") == output.get("name")):
+            previous["text"] += output["text"]
+        else:
+            joined.append(output)
+    return joined
+
+
+def stable_ids(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Give every cell an id made from its type and source (jupytext draws random
+    ones), so that re-executing an unchanged notebook changes nothing in its file."""
+    seen: dict[str, int] = {}
+    for cell in nb.cells:
+        digest = hashlib.sha1(f"{cell.cell_type}\n{cell.source}".encode()).hexdigest()
+        count = seen[digest] = seen.get(digest, 0) + 1
+        cell["id"] = digest[:12] if count == 1 else f"{digest[:12]}-{count}"
     return nb
 
 
 def execute(source: Path, timeout: int = 600) -> float:
     """Run ``source`` and write its ``.ipynb``; return the seconds it took."""
-    nb = jupytext.read(source)
+    nb = stable_ids(jupytext.read(source))
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     env_renderer = os.environ.pop("PLOTLY_RENDERER", None)
     start = time.perf_counter()
