@@ -41,9 +41,11 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-# Re-run every notebook from its .py into its .ipynb (outputs, no widget state).
+# Write the assignments' student versions from their solutions, then re-run
+# every notebook from its .py into its .ipynb (outputs, no widget state).
 # One notebook: make notebooks ARGS=notebooks/03_collapse_and_balance.py
 notebooks: $(STAMP)
+	$(BIN)/python tools/make_assignments.py
 	$(BIN)/python tools/execute_notebooks.py --jobs 2 $(ARGS)
 
 # The static book: re-runs every notebook (a few minutes), warnings are errors.
