@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,6 +228,11 @@ def _grade(report: Report, name: str, answer: Callable, args: tuple,
     if _close(got, expected, **tolerance):
         report.cases.append(Case(name, True))
         return
+    if got is None:
+        report.cases.append(Case(name, False, _show(expected), "None",
+                                 "your function returned None: is its `return` "
+                                 "missing?"))
+        return
     candidates = []
     for mistake, words in mistakes:
         try:
@@ -238,10 +245,17 @@ def _grade(report: Report, name: str, answer: Callable, args: tuple,
     report.cases.append(Case(name, False, *_compare(expected, got), hint, candidates))
 
 
-def _run(exercise: str, cases: Callable[[Report], None]) -> Report:
+def _run(exercise: str, cases: Callable[[Report], None], answer: Any) -> Report:
+    if not callable(answer):
+        raise TypeError(f"the answer to check must be your function, got "
+                        f"{type(answer).__name__}")
     report = Report(exercise)
     try:
-        cases(report)
+        # The answer's and the simulated mistakes' numpy warnings (overflow in exp,
+        # ...) belong to the report, not to the notebook's output.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            cases(report)
     except _NotImplemented:
         return Report(exercise, [], NOT_IMPLEMENTED)
 
@@ -326,7 +340,11 @@ def check_softmax_gate(answer: Callable, seed: int = 0) -> Report:
         mask[torch.arange(7), torch.randint(0, 5, (7,), generator=gen)] = True
         one_left = torch.zeros(3, 4, dtype=torch.bool)
         one_left[:, 2] = True
+        leader = torch.tensor([[1e4, 0.0, 1.0], [0.0, 2e4, 1.0]], dtype=torch.float64)
+        leader_masked = torch.tensor([[False, True, True], [True, False, True]])
         for name, logits, m in [
+            ("a huge logit on a masked expert (the margin rule masks leaders)",
+             leader, leader_masked),
             ("a hand-worked case: [0, 0] and [log 3, 0]", fixed, None),
             ("random logits, 7 examples x 5 experts", random, None),
             ("huge logits (+-1e4)", huge, None),
@@ -339,7 +357,7 @@ def check_softmax_gate(answer: Callable, seed: int = 0) -> Report:
             wrapped = [(lambda *a, f=f: f(*a), words) for f, words in SOFTMAX_MISTAKES]
             _grade(report, name, answer, args, expected, wrapped)
 
-    return _run("softmax gate", cases)
+    return _run("softmax gate", cases, answer)
 
 
 # ----------------------------------------------------------------------- 2. combine
@@ -397,7 +415,7 @@ def check_combine(answer: Callable, seed: int = 0) -> Report:
                    generic="the result must be (B, H): sum over the experts (dim 1) "
                            "of gate_probs[:, :, None] * expert_out")
 
-    return _run("combine", cases)
+    return _run("combine", cases, answer)
 
 
 # ----------------------------------------------------------------- 3. margin rule
@@ -464,18 +482,21 @@ def check_margin_keep(answer: Callable) -> Report:
             ("above the minimum by more than the margin, not above the mean",
              [4.0, 4.0, 4.0, 1.0], 1.0),
             ("two leaders", [10.0, 9.5, 0.5, 0.0], 2.0),
+            ("within the margin of the mean, not of the median",
+             [4.0, 3.0, 0.0, 0.0], 2.4),
             ("margin 0", [2.0, 1.0, 1.0, 0.0], 0.0),
         ]:
             totals = np.array(totals)
             expected = _reference_keep(totals, margin)
 
             def wrapped(t, m, answer=answer):
-                return np.asarray(_call(answer, t.copy(), m), dtype=bool)
+                keep = _call(answer, t.copy(), m)
+                return None if keep is None else np.asarray(keep, dtype=bool)
 
             _grade(report, f"{name}: totals {totals.tolist()}, margin {margin}",
                    wrapped, (totals, margin), expected, MARGIN_MISTAKES)
 
-    return _run("margin rule", cases)
+    return _run("margin rule", cases, answer)
 
 
 def _stream_raw_totals(logits: Tensor, margin: float) -> np.ndarray:
@@ -551,7 +572,7 @@ def check_balance_stream(answer: Callable, seed: int = 0) -> Report:
             _grade(report, name, answer, (logits.clone(), margin), expected,
                    STREAM_MISTAKES)
 
-    return _run("margin rule over a stream", cases)
+    return _run("margin rule over a stream", cases, answer)
 
 
 # ---------------------------------------------------------------------- 4. analysis
@@ -605,7 +626,7 @@ def check_gate_map(answer: Callable, seed: int = 0) -> Report:
             _grade(report, name, answer, (probs.copy(), shifts.copy()), expected,
                    GATE_MAP_MISTAKES)
 
-    return _run("gate map by translation", cases)
+    return _run("gate map by translation", cases, answer)
 
 
 def _score_over_factor_entropy(gate_probs: np.ndarray, factor: np.ndarray) -> float:
@@ -652,7 +673,7 @@ def check_factorisation(answer: Callable, seed: int = 0) -> Report:
             _grade(report, name, answer, (probs.copy(), factor.copy()), expected,
                    mistakes, atol=1e-6)
 
-    return _run("factorisation score", cases)
+    return _run("factorisation score", cases, answer)
 
 
 def check_interpretation(text: Any, min_words: int = 40) -> Report:
@@ -691,21 +712,94 @@ GUARD = 64
 the launch, so that writes and reads past the end land in memory the grader owns."""
 
 
-def _launch(module_type, code: str, grid: int, block: int, gates: Tensor,
-            grad_out: Tensor, E: int, H: int, device: str) -> tuple[Tensor, Tensor]:
+LAUNCH_TIMEOUT_S = 120
+"""Seconds the graded launches may take together before the grader stops them."""
+
+
+def _launch(module_type, code: str, grid: int, block: int, gates: np.ndarray,
+            grad_out: np.ndarray, E: int, H: int, device: str
+            ) -> tuple[np.ndarray, np.ndarray]:
     # Every buffer is followed by a guard region, so a missing bounds check shows as
     # writes past the end instead of corrupting memory.
     B = gates.shape[0]
     pad = grid * block + GUARD  # a thread's own index, unchecked, stays inside
-    padded_gates = torch.cat([gates.reshape(-1), torch.zeros(pad)]).to(device)
-    padded_grad = torch.cat([grad_out.reshape(-1), torch.zeros(pad)]).to(device)
+    padded_gates = torch.cat([torch.from_numpy(gates).reshape(-1),
+                              torch.zeros(pad)]).to(device)
+    padded_grad = torch.cat([torch.from_numpy(grad_out).reshape(-1),
+                             torch.zeros(pad)]).to(device)
     out = torch.full((B * E * H + pad,), math.nan, device=device)
     kernel = module_type(code, "assignment.cu").get_function(KERNEL_NAME)
     kernel((grid,), (block,), (padded_gates[: B * E], padded_grad[: B * H],
                                out[: B * E * H], np.int64(B), np.int64(E),
                                np.int64(H)))
-    out = out.cpu()
+    out = out.cpu().numpy()
     return out[: B * E * H].reshape(B, E, H), out[B * E * H:]
+
+
+def _launch_in_child(connection, backend: str, code: str, launches: list) -> None:
+    """Run every launch of a grading (in a child process); send the results back."""
+    if backend == "cupy":
+        from .ops.cupy_backend import RawModule
+        device = "cuda"
+    else:
+        from .ops.emulate import RawModule
+        device = "cpu"
+    results = []
+    for grid, block, gates, grad_out, E, H in launches:
+        try:
+            results.append(_launch(RawModule, code, grid, block, gates, grad_out, E,
+                                   H, device))
+        except Exception as exc:
+            results.append(f"{type(exc).__name__}: {exc}")
+    connection.send(results)
+    connection.close()
+
+
+def _launch_isolated(backend: str, code: str, launches: list,
+                     timeout: float) -> list | str:
+    """The launches' results, run in a fresh process; or why there are none.
+
+    A student's kernel runs in its own process, so an endless loop is stopped
+    after ``timeout`` seconds and a stray memory access kills that process only.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_launch_in_child,
+                            args=(sender, backend, code, launches), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            return (f"the launches did not finish within {timeout:.0f} s: a thread "
+                    f"never ends (check the loop's condition and its increment, "
+                    f"i += gridDim.x * blockDim.x)")
+        return receiver.recv()
+    except EOFError:
+        child.join(10)
+        return (f"the kernel crashed the process running it (exit code "
+                f"{child.exitcode}): a read or write far outside the buffers? Check "
+                f"every index against B * E * H, B * E and B * H")
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+        receiver.close()
+
+
+_COMMENTS = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def _kernel_body_is_empty(code: str) -> bool:
+    # The exercise's placeholder: the kernel's braces hold nothing but comments.
+    text = _COMMENTS.sub("", code)
+    at = text.find(KERNEL_NAME)
+    if at < 0:
+        return False
+    start = text.find("{", at)
+    end = text.rfind("}")
+    return start >= 0 and end > start and not text[start + 1:end].strip()
 
 
 def check_combine_backward(code: str, seed: int = 0,
@@ -724,10 +818,11 @@ def check_combine_backward(code: str, seed: int = 0,
     for every element, whatever the launch's grid: with a grid smaller than the
     work, a grid-stride loop must cover the rest, and no thread may write past
     the end. It runs through :mod:`dmoe_edu.ops.emulate` on the CPU, or through
-    CuPy with ``backend="cupy"``. Every buffer is padded by one element per
-    launched thread, so a missing bounds check is reported, not a crash; a kernel
-    whose indices go much further astray can still crash the Python process, as
-    it would fault on a GPU.
+    CuPy with ``backend="cupy"``, in a child process: a kernel that never ends
+    is stopped after :data:`LAUNCH_TIMEOUT_S` seconds, and one that crashes
+    takes only that process down; both are reported. Every buffer is padded by
+    one element per launched thread, so a missing bounds check shows as writes
+    past the end.
 
     Args:
         code: the kernel's CUDA C source.
@@ -741,31 +836,42 @@ def check_combine_backward(code: str, seed: int = 0,
     """
     if backend not in ("emulate", "cupy"):
         raise ValueError(f"backend must be 'emulate' or 'cupy', got {backend!r}")
+    if not isinstance(code, str):
+        raise TypeError(f"code must be the kernel's CUDA source as a str, got "
+                        f"{type(code).__name__}")
     if backend == "cupy":
         from .ops.cupy_backend import RawModule
-        device = "cuda"
     else:
         from .ops.emulate import RawModule
-        device = "cpu"
     gen = torch.Generator().manual_seed(seed)
     report = Report("combine backward kernel")
-    if not isinstance(code, str) or not code.strip() or "TODO" in code:
+    if not code.strip() or _kernel_body_is_empty(code):
         return Report(report.exercise, [], NOT_IMPLEMENTED)
 
     # It must compile and declare the kernel.
+    compiles = "the source compiles and declares the kernel"
     try:
-        RawModule(code, "assignment.cu").get_function(KERNEL_NAME)
+        module = RawModule(code, "assignment.cu")
     except Exception as exc:
-        report.cases.append(Case(
-            "the source compiles and declares the kernel", False,
-            f'extern "C" __global__ void {KERNEL_NAME}(...)',
-            f"{type(exc).__name__}: {str(exc)[:1500]}",
-            "read the compiler's first error; the kernel must be declared exactly as "
-            "the exercise shows"))
+        hint = ("read the compiler's first error" + (
+            "; kernels need no #include here (as with NVRTC): remove it"
+            if "#include" in code else ""))
+        report.cases.append(Case(compiles, False, "a source that compiles",
+                                 f"{type(exc).__name__}: {str(exc)[:1500]}", hint))
         report.status = "failed"
         return report
-    report.cases.append(Case("the source compiles and declares the kernel", True))
+    if KERNEL_NAME not in module.signatures:
+        report.cases.append(Case(
+            compiles, False, f'extern "C" __global__ void {KERNEL_NAME}(...)',
+            f"kernels {sorted(module.signatures)}",
+            f"it compiles, but the kernel must be called {KERNEL_NAME} and declared "
+            f'extern "C" __global__, exactly as the exercise shows'))
+        report.status = "failed"
+        return report
+    report.cases.append(Case(compiles, True))
 
+    # The launches run in a child process: an endless loop or a crash stays there.
+    cases = []
     for name, (B, E, H), (grid, block) in [
         ("a hand-sized case, one thread per element", (2, 3, 4), (1, 32)),
         ("B=37, E=4, H=50, enough threads", (37, 4, 50), (64, 128)),
@@ -775,14 +881,22 @@ def check_combine_backward(code: str, seed: int = 0,
     ]:
         gates = torch.softmax(torch.randn(B, E, generator=gen), dim=1)
         grad_out = torch.randn(B, H, generator=gen)
+        cases.append((name, B, E, H, grid, block, gates, grad_out))
+    results = _launch_isolated(backend, code, [
+        (grid, block, gates.numpy(), grad_out.numpy(), E, H)
+        for _, _, E, H, grid, block, gates, grad_out in cases], LAUNCH_TIMEOUT_S)
+    if isinstance(results, str):
+        report.cases.append(Case("the launches finish", False, "they finish",
+                                 results.split(":")[0], results))
+        report.status = "failed"
+        return report
+
+    for (name, B, E, _, _, _, gates, grad_out), result in zip(cases, results):
         expected = gates[:, :, None] * grad_out[:, None, :]  # (B, E, H)
-        try:
-            got, guard = _launch(RawModule, code, grid, block, gates, grad_out, E, H,
-                                 device)
-        except Exception as exc:
-            report.cases.append(Case(name, False, _show(expected),
-                                     f"{type(exc).__name__}: {exc}"))
+        if isinstance(result, str):
+            report.cases.append(Case(name, False, _show(expected), result))
             continue
+        got, guard = (torch.from_numpy(a) for a in result)
         hint = None
         if not torch.isnan(guard).all():
             hint = ("a thread wrote past the end of grad_expert_out: check "

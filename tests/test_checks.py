@@ -284,8 +284,9 @@ def test_placeholders_are_not_implemented_yet(grader):
 
 
 def test_kernel_and_interpretation_placeholders():
-    assert checks.check_combine_backward("// TODO: your kernel").status == (
-        "not implemented yet")
+    placeholder = KERNEL_RIGHT[:KERNEL_RIGHT.index("long long n")] + (
+        "    // TODO: your code here\n}\n")
+    assert checks.check_combine_backward(placeholder).status == "not implemented yet"
     assert checks.check_interpretation("*Your answer here.*").score == 0.0
     short = checks.check_interpretation("Layer 1 is where.")
     assert short.status == "failed" and "words" in short.cases[0].got
@@ -296,3 +297,64 @@ def test_kernel_and_interpretation_placeholders():
 def test_bad_backend_is_named():
     with pytest.raises(ValueError, match="backend must be 'emulate' or 'cupy'"):
         checks.check_combine_backward(KERNEL_RIGHT, backend="gpu")
+
+
+def test_a_todo_comment_left_above_working_code_does_not_hide_it(tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(tmp_path))
+    code = KERNEL_RIGHT.replace("long long n =", "// TODO: your code here\n"
+                                                 "    long long n =")
+    assert checks.check_combine_backward(code).passed
+
+
+@pytest.mark.slow
+def test_an_endless_kernel_is_stopped(tmp_path, monkeypatch):
+    # i + step instead of i += step: every thread loops forever.
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(tmp_path))
+    monkeypatch.setattr(checks, "LAUNCH_TIMEOUT_S", 20)
+    report = checks.check_combine_backward(KERNEL_RIGHT.replace("i += step",
+                                                                "i + step"))
+    assert report.status == "failed"
+    assert any("did not finish within 20 s" in hint for hint in report.hints)
+
+
+def test_kernel_grader_names_its_input_problems(tmp_path, monkeypatch):
+    monkeypatch.setenv("DMOE_EDU_CACHE", str(tmp_path))
+    with pytest.raises(TypeError, match="code must be the kernel's CUDA source"):
+        checks.check_combine_backward(None)
+    renamed = checks.check_combine_backward(
+        KERNEL_RIGHT.replace("combine_backward_experts", "my_kernel"))
+    assert any("must be called combine_backward_experts" in h for h in renamed.hints)
+    included = checks.check_combine_backward("#include <math.h>\n" + KERNEL_RIGHT)
+    assert any("need no #include" in h for h in included.hints), str(included)
+
+
+def test_answers_that_are_not_functions_or_return_nothing():
+    with pytest.raises(TypeError, match="must be your function, got NoneType"):
+        checks.check_softmax_gate(None)
+    report = checks.check_margin_keep(lambda totals, margin: None)
+    assert report.status == "failed"
+    assert any("returned None" in hint for hint in report.hints)
+
+
+def test_masking_after_a_global_max_is_caught():
+    # Subtracting the max over all logits, masked ones included, underflows to 0/0
+    # when the masked expert holds the huge logit.
+    def global_max(gate_logits, mask=None):
+        e = torch.exp(gate_logits - gate_logits.max(dim=1, keepdim=True).values)
+        if mask is not None:
+            e = e * mask
+        return e / e.sum(dim=1, keepdim=True)
+
+    report = checks.check_softmax_gate(global_max)
+    assert report.status == "failed"
+    assert not report.cases[0].passed and "masked expert" in report.cases[0].name
+
+
+def test_median_instead_of_mean_is_caught():
+    def median(totals, margin):
+        keep = totals - np.median(totals) <= margin
+        keep[totals.argmin()] = True
+        return keep
+
+    assert checks.check_margin_keep(median).status == "failed"

@@ -7,8 +7,10 @@ version students get, by these rules on the solution's cells:
 - a cell tagged ``solution`` keeps its text outside ``BEGIN SOLUTION`` /
   ``END SOLUTION`` marker lines; what lies between two markers is replaced by
   one placeholder line at the marker's indentation: ``raise
-  NotImplementedError("your code here")`` after a ``#`` marker (Python), ``//
-  TODO: your code here`` after a ``//`` marker (CUDA inside a string). A tagged
+  NotImplementedError("your code here")`` after an indented ``#`` marker (the
+  body of a function), ``# your answer here`` after one at the top level of the
+  cell (which must then leave a placeholder value of its own above the block),
+  ``// TODO: your code here`` after a ``//`` marker (CUDA inside a string). A tagged
   cell without markers is replaced whole: ``*Your answer here.*`` for markdown,
   ``# your code here`` for code. The tag becomes ``exercise``.
 - a cell tagged ``solution-only`` (an assertion that the answer is right, a
@@ -39,6 +41,8 @@ ASSIGNMENTS = ROOT / "notebooks" / "assignments"
 SUFFIX = "_solution"
 PLACEHOLDER = {"#": 'raise NotImplementedError("your code here")',
                "//": "// TODO: your code here"}
+# At the top level of a cell a raise would stop the student's notebook there.
+TOP_LEVEL_PLACEHOLDER = "# your answer here"
 _MARKER = re.compile(
     r"^(?P<indent>\s*)(?P<prefix>#|//)\s*(?P<word>BEGIN|END) SOLUTION\b")
 
@@ -66,7 +70,9 @@ def strip_solution(source: str, where: str = "cell") -> str:
             if inside is not None:
                 raise ValueError(f"{where}: BEGIN SOLUTION inside another block")
             inside = marker
-            out.append(marker["indent"] + PLACEHOLDER[marker["prefix"]])
+            top_level = marker["prefix"] == "#" and not marker["indent"]
+            out.append(TOP_LEVEL_PLACEHOLDER if top_level
+                       else marker["indent"] + PLACEHOLDER[marker["prefix"]])
         elif marker:
             if inside is None:
                 raise ValueError(f"{where}: END SOLUTION without a BEGIN")

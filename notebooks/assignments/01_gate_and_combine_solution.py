@@ -116,7 +116,9 @@ expert_out = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 3)  # (B, E, H)
 ready = (checks.check_softmax_gate(softmax_gate).passed
          and checks.check_combine(combine).passed)
 if ready:
-    mine = combine(softmax_gate(gate_logits), expert_out)
+    # torch.as_tensor: your functions may return arrays or lists.
+    mine = torch.as_tensor(
+        combine(torch.as_tensor(softmax_gate(gate_logits)), expert_out))
     library = ops.combine(ops.softmax_gate(gate_logits), expert_out)
     print("yours:  ", mine.double().numpy().round(3).tolist())
     print("library:", library.double().numpy().round(3).tolist())

@@ -107,8 +107,9 @@ stream[:, 0] += 3.0
 ready = (checks.check_margin_keep(margin_keep).passed
          and checks.check_balance_stream(balance_stream).passed)
 if ready:
-    free = balance_stream(stream, math.inf)
-    ruled = balance_stream(stream, 2.0)
+    # np.asarray: your function may return a tensor or an array.
+    free = np.asarray(balance_stream(stream, math.inf), dtype=float)
+    ruled = np.asarray(balance_stream(stream, 2.0), dtype=float)
     print("load share without the rule:", free.mean(axis=0).round(2))
     print("load share with margin 2:   ", ruled.mean(axis=0).round(2))
 else:
@@ -128,12 +129,16 @@ figure
 # %% [markdown]
 # ## Question
 #
-# In two or three sentences: with `margin = 2`, what happens to expert 0
-# along the stream, and why does the load not become exactly uniform?
-# Write your answer in the next cell.
+# In 30 to 80 words: with `margin = 2`, what happens to expert 0 along the
+# stream, and why does the load not become exactly uniform?
+# Replace the text of `answer` below.
 
-# %% [markdown] tags=["exercise"]
-# *Your answer here.*
+# %% tags=["exercise"]
+answer = "Your answer here."
+# your answer here
+
+# %%
+checks.check_interpretation(answer, min_words=30)
 
 # %% [markdown]
 # ## Summary

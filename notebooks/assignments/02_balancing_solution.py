@@ -122,8 +122,9 @@ stream[:, 0] += 3.0
 ready = (checks.check_margin_keep(margin_keep).passed
          and checks.check_balance_stream(balance_stream).passed)
 if ready:
-    free = balance_stream(stream, math.inf)
-    ruled = balance_stream(stream, 2.0)
+    # np.asarray: your function may return a tensor or an array.
+    free = np.asarray(balance_stream(stream, math.inf), dtype=float)
+    ruled = np.asarray(balance_stream(stream, 2.0), dtype=float)
     print("load share without the rule:", free.mean(axis=0).round(2))
     print("load share with margin 2:   ", ruled.mean(axis=0).round(2))
 else:
@@ -147,17 +148,25 @@ assert ruled.mean(axis=0).max() < free.mean(axis=0).max() - 0.3
 # %% [markdown]
 # ## Question
 #
-# In two or three sentences: with `margin = 2`, what happens to expert 0
-# along the stream, and why does the load not become exactly uniform?
-# Write your answer in the next cell.
+# In 30 to 80 words: with `margin = 2`, what happens to expert 0 along the
+# stream, and why does the load not become exactly uniform?
+# Replace the text of `answer` below.
 
-# %% [markdown] tags=["solution"]
-# Expert 0 gets most of each example's gate until its total runs more than
-# 2 ahead of the mean; it is then switched off for the next examples, which
-# go to the others, until they catch up. The rule only bounds the lead
-# (no expert more than 2 ahead of the mean), so expert 0 keeps a share a
-# little above the others: the totals never drift apart, but the examples
-# inside the margin still follow the gate's preference.
+# %% tags=["solution"]
+answer = "Your answer here."
+# BEGIN SOLUTION
+answer = """
+Expert 0 gets most of each example's gate until its total runs more than 2
+ahead of the mean; it is then switched off for the next examples, which go
+to the others, until they catch up. The rule only bounds the lead, so
+expert 0 keeps a share a little above the others: the totals never drift
+apart, but inside the margin the examples still follow the gate's
+preference.
+"""
+# END SOLUTION
+
+# %%
+checks.check_interpretation(answer, min_words=30)
 
 # %% [markdown]
 # ## Summary

@@ -197,11 +197,9 @@ for layer, gates in (("layer 1", gates1), ("layer 2", gates2)):
 # this means for the model as a whole.
 # Replace the text of `interpretation` below.
 
-# %%
-interpretation = "Your answer here."
-
 # %% tags=["exercise"]
-# your code here
+interpretation = "Your answer here."
+# your answer here
 
 # %%
 checks.check_interpretation(interpretation)

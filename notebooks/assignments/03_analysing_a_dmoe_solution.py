@@ -233,10 +233,9 @@ for layer, gates in (("layer 1", gates1), ("layer 2", gates2)):
 # this means for the model as a whole.
 # Replace the text of `interpretation` below.
 
-# %%
-interpretation = "Your answer here."
-
 # %% tags=["solution"]
+interpretation = "Your answer here."
+# BEGIN SOLUTION
 interpretation = """
 Layer 1 splits the digits by where they are. Its maps change mostly from
 top to bottom: one expert takes the digits pushed up, another those
@@ -247,6 +246,7 @@ much flatter, its translation score (0.15) is near chance, and its class
 score is high (0.43 against 0.01). Unsupervised, the model has factored
 position and identity into its two layers.
 """
+# END SOLUTION
 
 # %%
 checks.check_interpretation(interpretation)
