@@ -445,7 +445,7 @@ first_state
 # The check drives the dashboard from Python, as a student would with the
 # mouse, and compares its bars with a softmax worked out here.
 # At `T = 0` the dashboard also logs its error,
-# which is the warning printed under the cell.
+# which is the warning printed under the cell in a running notebook.
 
 # %%
 board.controls["temperature"].value = 2.0
