@@ -420,9 +420,12 @@ def compose_top_examples(images: Any, indices: Any, gap: int = 1,
     return composite
 
 
+TOP_EXAMPLES_TITLE = "Examples with the highest product gate g1_i(x) g2_j(z1)"
+"""Default title of the paper's Fig. 3 (:func:`top_examples_figure`)."""
+
+
 def top_examples_figure(images: Any, indices: Any,
-                        title: str = "Examples with the highest product gate "
-                                     "g1_i(x) g2_j(z1)") -> go.Figure:
+                        title: str = TOP_EXAMPLES_TITLE) -> go.Figure:
     """The paper's Fig. 3: for each pair of experts, the images it likes best.
 
     The whole grid is one grayscale image (see :func:`compose_top_examples`)
@@ -433,8 +436,7 @@ def top_examples_figure(images: Any, indices: Any,
         images: ``(N, h, w)`` uint8 images, e.g. ``record.images``.
         indices: ``(E1, E2, k)`` example indices from
             :func:`dmoe_edu.analysis.top_examples`.
-        title: figure title.
-            Default: ``"Examples with the highest product gate g1_i(x) g2_j(z1)"``.
+        title: figure title. Default: :data:`TOP_EXAMPLES_TITLE`.
 
     Shape:
         - ``images``: ``(N, 36, 36)``; ``indices``: ``(E1, E2, k)``.
@@ -1163,8 +1165,7 @@ def _png_data_uri(gray: np.ndarray) -> str:
 
 
 def top_examples_png_figure(images: Any, indices: Any,
-                            title: str = "Examples with the highest product gate "
-                                         "g1_i(x) g2_j(z1)") -> go.Figure:
+                            title: str = TOP_EXAMPLES_TITLE) -> go.Figure:
     """The paper's Fig. 3 as :func:`top_examples_figure`, the grid stored as a PNG.
 
     Same layout, axes and ticks as :func:`top_examples_figure`, but the
@@ -1177,8 +1178,7 @@ def top_examples_png_figure(images: Any, indices: Any,
         images: ``(N, h, w)`` uint8 images, e.g. ``record.images``.
         indices: ``(E1, E2, k)`` example indices from
             :func:`dmoe_edu.analysis.top_examples`.
-        title: figure title.
-            Default: ``"Examples with the highest product gate g1_i(x) g2_j(z1)"``.
+        title: figure title. Default: :data:`TOP_EXAMPLES_TITLE`.
 
     Shape:
         - ``images``: ``(N, 36, 36)``; ``indices``: ``(E1, E2, k)``.

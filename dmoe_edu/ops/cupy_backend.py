@@ -31,12 +31,11 @@ from .kernels import (
     Kernel,
     KernelBackend,
     Param,
-    check_source_name,
+    RawModuleBase,
     kernel_combine,
     kernel_softmax_gate,
     kernel_source,
     package_kernels,
-    parse_kernels,
 )
 
 # Blocks per multiprocessor when the work is large: enough to keep every SM busy
@@ -172,7 +171,7 @@ def _multiprocessors(device_index: int) -> int:
 _backend = CupyBackend()
 
 
-class RawModule:
+class RawModule(RawModuleBase):
     """A CUDA C source compiled by NVRTC for the current GPU, run on torch's stream.
 
     The interface of :class:`dmoe_edu.ops.emulate.RawModule` (and of
@@ -195,39 +194,22 @@ class RawModule:
     """
 
     def __init__(self, code: str | bytes, name: str = "module.cu"):
-        if isinstance(code, (bytes, bytearray)):
-            code = bytes(code).decode("utf-8")
-        check_source_name(name)
+        code = self._read_source(code, name)
         reason = status()
         if reason:
             raise RuntimeError(f"the cupy backend cannot run here: {reason}")
-        self.signatures = parse_kernels(code)
-        if not self.signatures:
-            raise ValueError(
-                f'{name} declares no kernel: expected at least one line like '
-                f'extern "C" __global__ void my_kernel(...)'
-            )
         import cupy
 
         self.device_index = torch.cuda.current_device()
         with cupy.cuda.Device(self.device_index):
             self._module = cupy.RawModule(code=code)
-        self._kernels: dict[str, CupyKernel] = {}
 
-    def get_function(self, name: str) -> CupyKernel:
-        """The kernel ``name``, ready to call as ``kernel((grid,), (block,), args)``."""
-        if name not in self.signatures:
-            raise KeyError(
-                f"no kernel {name!r} here; kernels: {sorted(self.signatures)}"
-            )
-        if name not in self._kernels:
-            import cupy
+    def _make_kernel(self, name: str) -> CupyKernel:
+        import cupy
 
-            with cupy.cuda.Device(self.device_index):
-                function = self._module.get_function(name)
-            self._kernels[name] = CupyKernel(name, self.signatures[name], function,
-                                             self.device_index)
-        return self._kernels[name]
+        with cupy.cuda.Device(self.device_index):
+            function = self._module.get_function(name)
+        return CupyKernel(name, self.signatures[name], function, self.device_index)
 
 
 def _require_cuda(*tensors: Tensor) -> None:

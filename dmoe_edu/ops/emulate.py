@@ -91,12 +91,11 @@ from .kernels import (
     Kernel,
     KernelBackend,
     Param,
-    check_source_name,
+    RawModuleBase,
     kernel_combine,
     kernel_dir,
     kernel_softmax_gate,
     kernel_source,
-    parse_kernels,
     warn_user,
 )
 
@@ -409,7 +408,7 @@ def _load(path: Path, kernels: Sequence[str]) -> ctypes.CDLL:
     return library
 
 
-class RawModule:
+class RawModule(RawModuleBase):
     """A CUDA C source compiled for the CPU; ``cupy.RawModule``'s interface.
 
     Args:
@@ -438,15 +437,7 @@ class RawModule:
 
     def __init__(self, code: str | bytes, name: str = "module.cu",
                  compiler: Sequence[str] | None = None):
-        if isinstance(code, (bytes, bytearray)):
-            code = bytes(code).decode("utf-8")
-        check_source_name(name)
-        self.signatures = parse_kernels(code)
-        if not self.signatures:
-            raise ValueError(
-                f'{name} declares no kernel: expected at least one line like '
-                f'extern "C" __global__ void my_kernel(...)'
-            )
+        code = self._read_source(code, name)
         command = tuple(compiler) if compiler else tuple(compiler_command())
         kernels = list(self.signatures)
         self.path = _build(code, name, kernels, command)
@@ -458,22 +449,14 @@ class RawModule:
             self.path = _build(code, name, kernels, command, rebuild=True)
             self._library = _load(self.path, kernels)
         self._library.emu_last_error.restype = ctypes.c_char_p
-        self._kernels: dict[str, EmulatedKernel] = {}
 
-    def get_function(self, name: str) -> EmulatedKernel:
-        """The kernel ``name``, ready to call as ``kernel((grid,), (block,), args)``."""
-        if name not in self.signatures:
-            raise KeyError(
-                f"no kernel {name!r} here; kernels: {sorted(self.signatures)}"
-            )
-        if name not in self._kernels:
-            entry = getattr(self._library, f"emu_{name}")
-            args = ctypes.POINTER(ctypes.c_void_p)
-            entry.argtypes = [ctypes.c_uint] * 4 + [args]
-            entry.restype = ctypes.c_int
-            self._kernels[name] = EmulatedKernel(name, self.signatures[name], entry,
-                                                 self._library.emu_last_error)
-        return self._kernels[name]
+    def _make_kernel(self, name: str) -> EmulatedKernel:
+        # The library's entry point for this kernel: grid, block, first, last, args.
+        entry = getattr(self._library, f"emu_{name}")
+        entry.argtypes = [ctypes.c_uint] * 4 + [ctypes.POINTER(ctypes.c_void_p)]
+        entry.restype = ctypes.c_int
+        return EmulatedKernel(name, self.signatures[name], entry,
+                              self._library.emu_last_error)
 
 
 LAUNCH_CHUNK_THREADS = 1 << 20

@@ -416,6 +416,49 @@ def package_kernels(name: str) -> dict[str, tuple[Param, ...]]:
 # --------------------------------------------------------------------------- launches
 
 
+class RawModuleBase:
+    """What both backends' ``RawModule`` share: the source's kernels, read and
+    checked, and :meth:`get_function`, which builds each kernel once.
+
+    A subclass calls :meth:`_read_source` first in its ``__init__`` and provides
+    ``_make_kernel(name)``.
+    """
+
+    signatures: dict[str, tuple[Param, ...]]
+
+    def _read_source(self, code: str | bytes, name: str) -> str:
+        """``code`` as text, with :attr:`signatures` read from it.
+
+        Raises:
+            ValueError: if ``name`` is not a plain file name, or the source
+                declares no ``extern "C" __global__`` kernel.
+        """
+        if isinstance(code, (bytes, bytearray)):
+            code = bytes(code).decode("utf-8")
+        check_source_name(name)
+        self.signatures = parse_kernels(code)
+        if not self.signatures:
+            raise ValueError(
+                f'{name} declares no kernel: expected at least one line like '
+                f'extern "C" __global__ void my_kernel(...)'
+            )
+        self._kernels: dict[str, Kernel] = {}
+        return code
+
+    def _make_kernel(self, name: str) -> Kernel:
+        raise NotImplementedError
+
+    def get_function(self, name: str) -> Kernel:
+        """The kernel ``name``, ready to call as ``kernel((grid,), (block,), args)``."""
+        if name not in self.signatures:
+            raise KeyError(
+                f"no kernel {name!r} here; kernels: {sorted(self.signatures)}"
+            )
+        if name not in self._kernels:
+            self._kernels[name] = self._make_kernel(name)
+        return self._kernels[name]
+
+
 @dataclass(frozen=True)
 class LaunchShape:
     """Threads per block and the cap on blocks that the package's launches use."""
